@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['exists', 'default', 'project_root', 'in_test', 'seed_everything', 'get_device', 'set_threads', 'package_versions',
-           'provenance', 'record', 'file_fingerprint', 'hash_dict']
+           'provenance', 'record', 'file_fingerprint', 'hash_dict', 'file_lock']
 
 # %% ../nbs/00_core.ipynb #fcd9dff6
 def exists(x) -> bool:
@@ -139,3 +139,16 @@ def file_fingerprint(paths, # iterable of file paths
 def hash_dict(d:dict, n:int=12) -> str:
     "Short stable hash of a JSON-able dict (cache keys, run ids)."
     return hashlib.sha1(json.dumps(_jsonable(d), sort_keys=True).encode()).hexdigest()[:n]
+
+# %% ../nbs/00_core.ipynb #e8f42966
+import contextlib, fcntl
+
+@contextlib.contextmanager
+def file_lock(path:str|Path, # lock file (created; its folder too)
+             ):
+    "Hold an exclusive inter-process lock on `path` for the duration of the `with` block."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield path
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
