@@ -5,6 +5,7 @@
 # %% ../nbs/01a_synthetic.ipynb #268b82ff
 from __future__ import annotations
 import csv, json, shutil
+from .core import file_lock
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
@@ -193,63 +194,65 @@ def make_synthetic(root:str|Path, # folder to write into (created)
                   ) -> Path:
     "Write a seeded synthetic multi-class anomaly dataset under `root` in a real dataset layout; return `root`."
     root = Path(root)
-    classes = list(SYNTH_CLASSES if classes is None else classes)
-    bad = [c for c in classes if c not in SYNTH_CLASSES]
-    if bad: raise ValueError(f"unknown synthetic classes {bad}; expected a subset of {SYNTH_CLASSES}")
-    if layout not in LAYOUTS: raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    for k, v in dict(n_train=n_train, n_test_good=n_test_good, n_test_bad=n_test_bad).items():
-        if v < 0: raise ValueError(f"{k} must be >= 0, got {v}")
-    if size < 32: raise ValueError(f"size must be >= 32 pixels, got {size}")
-    params = dict(version=1, classes=classes, n_train=n_train, n_test_good=n_test_good,
-                  n_test_bad=n_test_bad, size=size, seed=seed, layout=layout)
-    man = root / "synthetic.json"
-    if man.exists():
-        old = json.loads(man.read_text())
-        same = {k: old.get(k) for k in params} == params
-        if same and not overwrite and all((root / f).exists() for f in old.get("files", [])): return root
-        if not same and not overwrite:
-            raise ValueError(f"{root} holds a different synthetic build ({ {k: old.get(k) for k in params} }); "
-                             "pass overwrite=True or use another folder")
-        for top in sorted({Path(f).parts[0] for f in old.get("files", [])}): shutil.rmtree(root / top, ignore_errors=True)
-        man.unlink()
-    elif root.exists() and any(root.iterdir()) and not overwrite:
-        raise ValueError(f"{root} is not empty and has no synthetic.json; pass overwrite=True or use an empty folder")
-    if overwrite:
-        for top in classes + ["split_csv"]: shutil.rmtree(root / top, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
+    # nbdev_test runs notebooks in parallel and several build the same default dataset: one builder at a time
+    with file_lock(root.parent / f".{root.name}.lock"):
+        classes = list(SYNTH_CLASSES if classes is None else classes)
+        bad = [c for c in classes if c not in SYNTH_CLASSES]
+        if bad: raise ValueError(f"unknown synthetic classes {bad}; expected a subset of {SYNTH_CLASSES}")
+        if layout not in LAYOUTS: raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+        for k, v in dict(n_train=n_train, n_test_good=n_test_good, n_test_bad=n_test_bad).items():
+            if v < 0: raise ValueError(f"{k} must be >= 0, got {v}")
+        if size < 32: raise ValueError(f"size must be >= 32 pixels, got {size}")
+        params = dict(version=1, classes=classes, n_train=n_train, n_test_good=n_test_good,
+                      n_test_bad=n_test_bad, size=size, seed=seed, layout=layout)
+        man = root / "synthetic.json"
+        if man.exists():
+            old = json.loads(man.read_text())
+            same = {k: old.get(k) for k in params} == params
+            if same and not overwrite and all((root / f).exists() for f in old.get("files", [])): return root
+            if not same and not overwrite:
+                raise ValueError(f"{root} holds a different synthetic build ({ {k: old.get(k) for k in params} }); "
+                                 "pass overwrite=True or use another folder")
+            for top in sorted({Path(f).parts[0] for f in old.get("files", [])}): shutil.rmtree(root / top, ignore_errors=True)
+            man.unlink()
+        elif root.exists() and any(root.iterdir()) and not overwrite:
+            raise ValueError(f"{root} is not empty and has no synthetic.json; pass overwrite=True or use an empty folder")
+        if overwrite:
+            for top in classes + ["split_csv"]: shutil.rmtree(root / top, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
 
-    files, rows, n_normal, n_anom, n_def = [], [], {}, {}, {}
-    for c, role, i, defect in _plan(classes, n_train, n_test_good, n_test_bad):
-        rng = np.random.default_rng([seed, SYNTH_CLASSES.index(c), _ROLE[role], i])
-        img, m = synth_image(c, rng, size, defect)
-        msk = None
-        if layout == "mvtec":
-            sub = "train/good" if role == "train" else "test/good" if role == "test_good" else f"test/{defect}"
-            j = i if defect is None else n_def.setdefault((c, defect), 0)
-            name = f"{c}/{sub}/{j:03d}.png"
-            if defect is not None:
-                n_def[(c, defect)] += 1
-                msk, mval = f"{c}/ground_truth/{defect}/{j:03d}_mask.png", 255
-        elif layout == "visa_mvtec":  # the conversion copies VisA's files, keeping their names
-            if defect is None:
-                k = n_normal[c] = n_normal.get(c, -1) + 1
-                name = f"{c}/{'train' if role == 'train' else 'test'}/good/{k:04d}.JPG"
-            else: name, msk, mval = f"{c}/test/bad/{i:03d}.JPG", f"{c}/ground_truth/bad/{i:03d}.png", 255
-        else:  # visa_csv: normal images of both splits share one folder, the csv says which split
-            if defect is None:
-                k = n_normal[c] = n_normal.get(c, -1) + 1
-                name = f"{c}/Data/Images/Normal/{k:04d}.JPG"
-            else:
-                name, msk = f"{c}/Data/Images/Anomaly/{i:03d}.JPG", f"{c}/Data/Masks/Anomaly/{i:03d}.png"
-                mval = 1 + SYNTH_CLASSES.index(c) % 3  # raw VisA masks hold small values, not 255
-            rows.append(dict(object=c, split="train" if role == "train" else "test",
-                             label="normal" if defect is None else "anomaly", image=name, mask=msk or ""))
-        _save(img, root / name, jpg=name.endswith(".JPG")); files.append(name)
-        if msk: _save((m * mval).astype(np.uint8), root / msk); files.append(msk)
-    if layout == "visa_csv":
-        (root / "split_csv").mkdir(exist_ok=True)
-        with open(root / "split_csv" / "1cls.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["object", "split", "label", "image", "mask"]); w.writeheader(); w.writerows(rows)
-        files.append("split_csv/1cls.csv")
-    man.write_text(json.dumps(dict(params, files=files), indent=1))
-    return root
+        files, rows, n_normal, n_anom, n_def = [], [], {}, {}, {}
+        for c, role, i, defect in _plan(classes, n_train, n_test_good, n_test_bad):
+            rng = np.random.default_rng([seed, SYNTH_CLASSES.index(c), _ROLE[role], i])
+            img, m = synth_image(c, rng, size, defect)
+            msk = None
+            if layout == "mvtec":
+                sub = "train/good" if role == "train" else "test/good" if role == "test_good" else f"test/{defect}"
+                j = i if defect is None else n_def.setdefault((c, defect), 0)
+                name = f"{c}/{sub}/{j:03d}.png"
+                if defect is not None:
+                    n_def[(c, defect)] += 1
+                    msk, mval = f"{c}/ground_truth/{defect}/{j:03d}_mask.png", 255
+            elif layout == "visa_mvtec":  # the conversion copies VisA's files, keeping their names
+                if defect is None:
+                    k = n_normal[c] = n_normal.get(c, -1) + 1
+                    name = f"{c}/{'train' if role == 'train' else 'test'}/good/{k:04d}.JPG"
+                else: name, msk, mval = f"{c}/test/bad/{i:03d}.JPG", f"{c}/ground_truth/bad/{i:03d}.png", 255
+            else:  # visa_csv: normal images of both splits share one folder, the csv says which split
+                if defect is None:
+                    k = n_normal[c] = n_normal.get(c, -1) + 1
+                    name = f"{c}/Data/Images/Normal/{k:04d}.JPG"
+                else:
+                    name, msk = f"{c}/Data/Images/Anomaly/{i:03d}.JPG", f"{c}/Data/Masks/Anomaly/{i:03d}.png"
+                    mval = 1 + SYNTH_CLASSES.index(c) % 3  # raw VisA masks hold small values, not 255
+                rows.append(dict(object=c, split="train" if role == "train" else "test",
+                                 label="normal" if defect is None else "anomaly", image=name, mask=msk or ""))
+            _save(img, root / name, jpg=name.endswith(".JPG")); files.append(name)
+            if msk: _save((m * mval).astype(np.uint8), root / msk); files.append(msk)
+        if layout == "visa_csv":
+            (root / "split_csv").mkdir(exist_ok=True)
+            with open(root / "split_csv" / "1cls.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["object", "split", "label", "image", "mask"]); w.writeheader(); w.writerows(rows)
+            files.append("split_csv/1cls.csv")
+        man.write_text(json.dumps(dict(params, files=files), indent=1))
+        return root

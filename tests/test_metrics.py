@@ -1,0 +1,126 @@
+"Fast tests of the installed `vqflow_nb.metrics` and `vqflow_nb.viz`."
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score, average_precision_score
+
+from vqflow_nb.metrics import (METRIC_KEYS, aupro, pixel_metrics, image_metrics, class_metrics, evaluate_classes,
+                               MetricAccumulator, f1_max, _aupro_approx_loop)
+
+
+def _case(seed, n=4, h=24, w=24, levels=None):
+    rng = np.random.default_rng(seed)
+    masks = ndimage.binary_dilation(rng.random((n, h, w)) < 0.03, structure=np.ones((1, 3, 3)))
+    masks[0, 0, 0] = True
+    maps = rng.random((n, h, w)) + 0.6 * masks
+    if levels: maps = np.round(maps * levels) / levels
+    return masks, maps
+
+
+def _brute_aupro(masks, maps, lim=0.3):
+    "Every distinct threshold, binarise >= t, 8-connected regions, trapezoid with interpolation at lim."
+    regs = []
+    for i, m in enumerate(masks):
+        lab, k = ndimage.label(m, structure=np.ones((3, 3)))
+        regs += [(i, lab == j) for j in range(1, k + 1)]
+    pts = [(0., 0.)]
+    for t in np.unique(maps)[::-1]:
+        b = maps >= t
+        pts.append(((b & ~masks).sum() / (~masks).sum(), np.mean([(b[i] & r).sum() / r.sum() for i, r in regs])))
+    pts.append((1., 1.))
+    area = 0.
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 >= lim: break
+        if x1 > lim: y1, x1 = y0 + (y1 - y0) * (lim - x0) / (x1 - x0), lim
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / lim
+
+
+@pytest.mark.parametrize("seed,levels,lim", [(0, None, 0.3), (1, 6, 0.3), (2, 25, 0.1), (3, None, 1.0)])
+def test_exact_matches_brute_force(seed, levels, lim):
+    mk, mp = _case(seed, levels=levels)
+    assert aupro(mk, mp, fpr_limit=lim) == pytest.approx(_brute_aupro(mk, mp, lim), abs=1e-10)
+    assert aupro(mk, mp.astype(np.float32), fpr_limit=lim) == pytest.approx(_brute_aupro(mk, mp.astype(np.float32).astype(float), lim), abs=1e-10)
+
+
+def test_ramp_stripes_analytic():
+    ramp = (np.arange(2800) / 2800.).reshape(1, 400, 7)
+    one = np.zeros((1, 400, 7), bool); one[..., 3] = True
+    three = np.zeros((1, 400, 7), bool); three[..., [1, 3, 5]] = True
+    assert aupro(one, ramp, fpr_limit=1/3) == pytest.approx(1/6 - 1/960_000, abs=1e-12)
+    assert aupro(three, ramp, fpr_limit=1/3) == pytest.approx(1/6, abs=1e-5)
+
+
+def test_degenerate_and_connectivity():
+    mk, _ = _case(4)
+    assert aupro(mk, mk + 0.1 * np.random.default_rng(0).random(mk.shape)) == pytest.approx(1.0, abs=1e-12)
+    assert aupro(mk, np.zeros(mk.shape)) == pytest.approx(0.15, abs=1e-12)
+    with pytest.raises(ValueError, match="constant"): aupro(mk, np.zeros(mk.shape), variant="approx")
+    m8 = np.zeros((1, 6, 6), bool); m8[0, 1, 1] = m8[0, 2, 2] = m8[0, 2, 3] = True
+    s8 = np.zeros((1, 6, 6)); s8[0, 1, 1] = 1.0
+    # one 8-connected region of 3 pixels, 1 detected at FPR 0: area = 1/3 * 0.3 + triangle to (1,1) part
+    from vqflow_nb.metrics import pro_curve_exact
+    fpr, pro = pro_curve_exact(m8, s8)
+    assert fpr[1] == 0 and pro[1] == pytest.approx(1/3)
+
+
+def test_approx_matches_authors_loop_and_is_close_to_exact():
+    mk, mp = _case(5, n=3, h=20, w=20)
+    a = aupro(mk, mp, variant="approx", steps=50)
+    assert a == pytest.approx(_aupro_approx_loop(mk, mp, steps=50), abs=1e-12)
+    assert abs(aupro(mk, mp, variant="approx", steps=800) - aupro(mk, mp)) < 0.05
+
+
+def test_pixel_fast_backend_equals_sklearn():
+    mk, mp = _case(6, levels=9)
+    fast, ref = pixel_metrics(mk, mp), pixel_metrics(mk, mp, backend="sklearn")
+    for k in fast: assert fast[k] == pytest.approx(ref[k], abs=1e-12)
+    assert fast["p_auroc"] == pytest.approx(roc_auc_score(mk.ravel(), mp.ravel()))
+    assert fast["p_ap"] == pytest.approx(average_precision_score(mk.ravel(), mp.ravel()))
+
+
+def test_image_metrics_and_single_label():
+    m = image_metrics([0, 0, 1, 1], [.1, .4, .35, .8])
+    assert m == pytest.approx(dict(i_auroc=0.75, i_ap=(1 + 2/3) / 2, i_f1max=0.8))
+    assert f1_max([0, 1], [0.2, 0.9]) == 1.0
+    with pytest.raises(ValueError, match="only one label value"): image_metrics([1, 1], [.1, .2])
+    with pytest.warns(RuntimeWarning): assert np.isnan(image_metrics([1, 1], [.1, .2], on_single_label="nan")["i_auroc"])
+
+
+def test_evaluate_classes_and_accumulator():
+    pc = {}
+    for i, c in enumerate("abc"):
+        mk, mp = _case(10 + i, n=6)
+        lab = mk.reshape(6, -1).any(1).astype(int); lab[0] = 0; mk[0] = False
+        pc[c] = dict(labels=lab, scores=mp.reshape(6, -1).max(1), masks=mk, maps=mp)
+    pc["c"] = dict(labels=pc["c"]["labels"], scores=pc["c"]["scores"])
+    df = evaluate_classes(pc)
+    assert list(df.index) == ["a", "b", "c", "mean"]
+    assert np.isnan(df.loc["c", "p_auroc"]) and df.attrs["n_averaged"]["p_auroc"] == 2
+    assert df.loc["mean", "aupro"] == pytest.approx(df.loc[["a", "b"], "aupro"].mean())
+    r = class_metrics(pc["c"]["labels"], pc["c"]["scores"])
+    assert set(r) == set(METRIC_KEYS) and r["aupro"] is None
+    acc = MetricAccumulator(["a", "b", "c"])
+    for c, name in enumerate("ab"):
+        d = pc[name]
+        for s in (slice(0, 4), slice(4, 6)):
+            acc.update(c, d["labels"][s], d["scores"][s], d["masks"][s], d["maps"][s])
+    acc.update(2, pc["c"]["labels"], pc["c"]["scores"])
+    assert acc._mp[0][0].dtype == np.float32 and acc._mk[0][0].dtype == bool
+    df2 = acc.compute()
+    np.testing.assert_allclose(df2[list(METRIC_KEYS)].to_numpy(float), df[list(METRIC_KEYS)].to_numpy(float), atol=1e-6)
+
+
+def test_viz_returns_figures():
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from vqflow_nb.viz import show_overlays, plot_class_bars, plot_score_hist, plot_codebook_usage, codebook_perplexity
+    mk, mp = _case(20, n=3, h=16, w=16)
+    imgs = np.random.default_rng(0).random((3, 3, 32, 32))
+    assert len(show_overlays(imgs, mp, np.repeat(np.repeat(mk, 2, 1), 2, 2)).axes) == 6
+    df = evaluate_classes({"a": dict(labels=[0, 1, 1], scores=mp.reshape(3, -1).max(1), masks=mk, maps=mp)})
+    assert len(plot_class_bars(df).axes) == 1
+    assert len(plot_score_hist([0, 0, 1, 1], [.1, .2, .8, .9]).axes) == 1
+    assert codebook_perplexity([2, 2, 2]) == pytest.approx(3)
+    assert len(plot_codebook_usage([5, 0, 3, 1]).axes) == 1
+    plt.close("all")
