@@ -84,7 +84,7 @@ def test_cache_hit_resume_and_equality(tmp_path):
     h = ex.backbone.register_forward_hook(hook)
     with pytest.raises(KeyboardInterrupt):
         extract_features(ds, ex, cache_dir=tmp_path / 'c', batch_size=2, progress=False)
-    (part,) = (tmp_path / 'c').iterdir()
+    (part,) = [p for p in (tmp_path / 'c').iterdir() if not p.name.startswith('.')]  # skip the .lock file
     assert part.name.endswith('.partial') and json.loads((part / 'progress.json').read_text())['done'] == 2
     st = extract_features(ds, ex, cache_dir=tmp_path / 'c', batch_size=2, progress=False)
     assert len(calls) == 2 + 2  # resumed: only samples 2-5 extracted
