@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """VQ-Flow training and inference speed and peak memory on this machine's CPU.
 
-Cases (each in a fresh subprocess, so the peak resident memory VmHWM is the case's own):
-- offline: tf_efficientnet_lite0 (packaged weights) at 256 px, `VQFlowConfig.small`, batch 8, on cached features;
-- authors: convnextv2_base at 384 px (random weights: timing only), the authors' full VQFlowConfig, batch 4:
-  `step+backbone` = backbone forward under no_grad + VQ-Flow forward/backward/Adam step (what a run without the
-  cache does), `step (cached)` = the VQ-Flow step alone (what our trainer does), and inference seconds per image.
+Each case runs in a fresh subprocess, so its peak resident memory (VmHWM) is its own (see CASES):
+- offline: tf_efficientnet_lite0 (packaged weights) at 256 px, `VQFlowConfig.small`, batch 8;
+- authors: convnextv2_base at 384 px (random weights: timing only), the authors' full `VQFlowConfig`, batch 4.
+`*_cached` cases time the VQ-Flow step alone with no backbone in the process (what our trainer does on cached
+features); the others put a no-grad backbone forward into every step and also time inference per image.
 The authors' own code, same configuration, same machine: 77.9 s per training step (it back-propagates through the
 frozen backbone), 13.1 GB peak, 5.96 s per image at inference (figures given in the issue).
 Writes results/benchmarks/vqflow.{json,md}.
@@ -21,71 +21,85 @@ def vmhwm_gb():
         if l.startswith('VmHWM'): return int(l.split()[1]) / 1024**2
 
 def case(name, steps):
-    import torch
+    import gc, torch
     from vqflow_nb.vqflow import VQFlow, VQFlowConfig
     from vqflow_nb.features import FeatureExtractor
     from vqflow_nb.flows import count_params
+    from vqflow_nb.train import make_optimizer, Schedule
     torch.manual_seed(0)
-    if name == 'offline':
-        ext, bs = FeatureExtractor.from_preset('offline'), 8
-        model = VQFlow(VQFlowConfig.small(ext.channels, seed=0))
-    else:
-        ext, bs = FeatureExtractor.from_preset('vqflow', weights='random'), 4
-        model = VQFlow(VQFlowConfig.for_channels(ext.channels, seed=0))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    authors = name.startswith('authors')
+    ext, bs = (FeatureExtractor.from_preset('vqflow', weights='random'), 4) if authors else (FeatureExtractor.from_preset('offline'), 8)
     x = torch.rand(bs, 3, *ext.input_size)
     with torch.no_grad(): feats = ext(x)
+    with_backbone = name in ('offline', 'authors')
+    if not with_backbone: del ext; gc.collect()         # the trainer never holds the backbone: features come from the cache
+    cfg = (VQFlowConfig.for_channels if authors else VQFlowConfig.small)([f.shape[1] for f in feats], seed=0,
+                                                                         checkpoint=name.endswith('checkpoint'))
+    model = VQFlow(cfg)
+    opt = make_optimizer(model.parameters(), Schedule(lr=1e-4))   # the trainer's optimiser (fused Adam)
     def step(with_backbone):
         f = feats
         if with_backbone:
             with torch.no_grad(): f = ext(x)
         out = model.loss(f); opt.zero_grad(); out['loss'].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0); opt.step()
-    model.train(); step(False)                               # warm-up (allocations, first-touch)
-    res = dict(case=name, batch=bs, input=list(ext.input_size), threads=torch.get_num_threads(),
+    model.train(); step(False)                               # warm-up (allocations, first-touch, Adam state)
+    res = dict(case=name, batch=bs, input=list(x.shape[-2:]), threads=torch.get_num_threads(), checkpoint=cfg.checkpoint,
                flow_params_M=round((count_params(model.flows) + count_params(model.fusion)) / 1e6, 2),
                total_params_M=round(count_params(model) / 1e6, 2))
-    t = time.time(); [step(False) for _ in range(steps)]; res['step_cached_s'] = (time.time() - t) / steps
-    t = time.time(); [step(True) for _ in range(steps)]; res['step_backbone_s'] = (time.time() - t) / steps
-    res['train_img_per_s_cached'] = bs / res['step_cached_s']; res['train_img_per_s_backbone'] = bs / res['step_backbone_s']
-    model.eval()
-    with torch.no_grad():
-        t = time.time()
-        for _ in range(steps): model.score(ext(x[:1]), None, out_size=tuple(ext.input_size))
-        res['infer_s_per_img'] = (time.time() - t) / steps
+    t = time.time(); [step(with_backbone) for _ in range(steps)]; res['step_s'] = (time.time() - t) / steps
+    res['train_img_per_s'] = bs / res['step_s']
+    if with_backbone:
+        model.eval()
+        with torch.no_grad():
+            t = time.time()
+            for _ in range(steps): model.score(ext(x[:1]), None, out_size=tuple(x.shape[-2:]))
+            res['infer_s_per_img'] = (time.time() - t) / steps
     res['peak_gb'] = vmhwm_gb()
     print(json.dumps(res))
+
+CASES = [('offline', 5, 'backbone forward (no grad) + VQ-Flow step'),
+         ('offline_cached', 5, 'VQ-Flow step on cached features (our trainer)'),
+         ('authors', 2, 'backbone forward (no grad) + VQ-Flow step; inference'),
+         ('authors_cached', 2, 'VQ-Flow step on cached features (our trainer)'),
+         ('authors_cached_checkpoint', 2, 'same, with activation checkpointing of the flow blocks')]
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == '--case': return case(sys.argv[2], int(sys.argv[3]))
     rows = []
-    for name, steps in [('offline', 5), ('authors', 2)]:
+    for name, steps, what in CASES:
         print(f'running {name} ...', flush=True)
         out = subprocess.run([sys.executable, __file__, '--case', name, str(steps)], capture_output=True, text=True, cwd=ROOT)
         if out.returncode: print(out.stderr[-3000:]); sys.exit(1)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1])); print(rows[-1], flush=True)
-    a = next(r for r in rows if r['case'] == 'authors')
-    cmp = dict(step_speedup_vs_authors_with_backbone=AUTHORS['step_s'] / a['step_backbone_s'],
-               step_speedup_vs_authors_cached=AUTHORS['step_s'] / a['step_cached_s'],
-               peak_ratio_vs_authors=a['peak_gb'] / AUTHORS['peak_gb'],
-               infer_speedup_vs_authors=AUTHORS['infer_s_per_img'] / a['infer_s_per_img'])
+        rows.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), what=what)); print(rows[-1], flush=True)
+    by = {r['case']: r for r in rows}
+    cmp = dict(step_speedup_with_backbone=AUTHORS['step_s'] / by['authors']['step_s'],
+               step_speedup_cached=AUTHORS['step_s'] / by['authors_cached']['step_s'],
+               step_speedup_cached_checkpoint=AUTHORS['step_s'] / by['authors_cached_checkpoint']['step_s'],
+               peak_ratio_with_backbone=by['authors']['peak_gb'] / AUTHORS['peak_gb'],
+               peak_ratio_cached=by['authors_cached']['peak_gb'] / AUTHORS['peak_gb'],
+               peak_ratio_cached_checkpoint=by['authors_cached_checkpoint']['peak_gb'] / AUTHORS['peak_gb'],
+               infer_speedup=AUTHORS['infer_s_per_img'] / by['authors']['infer_s_per_img'])
     out = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), load_avg=os.getloadavg()),
                authors_code=AUTHORS, cases=rows, comparison=cmp)
     d = ROOT/'results'/'benchmarks'; d.mkdir(parents=True, exist_ok=True)
     (d/'vqflow.json').write_text(json.dumps(out, indent=1))
     L = ['# VQ-Flow benchmark (CPU)', '', f"Machine: {out['machine']['platform']}, {out['machine']['cpus']} CPUs, "
-         f"load average at the end {tuple(round(x, 2) for x in out['machine']['load_avg'])}. Each case in a fresh process.", '',
-         '| case | batch | input | flow params (M) | total params (M) | train step, cached features (s) | train img/s cached | '
-         'train step incl. backbone fwd (s) | train img/s incl. backbone | inference s/img | peak RSS (GB) |', '|' + '---|' * 11]
+         f"load average at the end {tuple(round(x, 2) for x in out['machine']['load_avg'])}. Each case in a fresh process; "
+         "'authors' = convnextv2_base at 384 px with random weights (timing only), the authors' full VQFlowConfig, batch 4; "
+         "'offline' = tf_efficientnet_lite0 (packaged weights) at 256 px, VQFlowConfig.small, batch 8.", '',
+         '| case | what is timed | batch | input | flow params (M) | total params (M) | s/step | train img/s | inference s/img | peak RSS (GB) |',
+         '|' + '---|' * 10]
     for r in rows:
-        L.append(f"| {r['case']} | {r['batch']} | {r['input'][0]} | {r['flow_params_M']} | {r['total_params_M']} | "
-                 f"{r['step_cached_s']:.2f} | {r['train_img_per_s_cached']:.3f} | {r['step_backbone_s']:.2f} | "
-                 f"{r['train_img_per_s_backbone']:.3f} | {r['infer_s_per_img']:.2f} | {r['peak_gb']:.2f} |")
-    L += ['', f"Authors' code, same configuration and machine: {AUTHORS['step_s']} s/step, {AUTHORS['peak_gb']} GB peak, "
-          f"{AUTHORS['infer_s_per_img']} s/img inference.", '',
-          f"Ours vs theirs (authors' configuration): step {cmp['step_speedup_vs_authors_with_backbone']:.2f}x faster including the "
-          f"backbone forward, {cmp['step_speedup_vs_authors_cached']:.2f}x on cached features; peak memory "
-          f"{100*cmp['peak_ratio_vs_authors']:.0f} % of theirs; inference {cmp['infer_speedup_vs_authors']:.2f}x faster."]
+        inf = f"{r['infer_s_per_img']:.2f}" if 'infer_s_per_img' in r else ''
+        L.append(f"| {r['case']} | {r['what']} | {r['batch']} | {r['input'][0]} | {r['flow_params_M']} | {r['total_params_M']} | "
+                 f"{r['step_s']:.2f} | {r['train_img_per_s']:.3f} | {inf} | {r['peak_gb']:.2f} |")
+    L += ['', f"Authors' code, same configuration and machine (from the issue): {AUTHORS['step_s']} s/step (it also back-propagates "
+          f"through the frozen backbone), {AUTHORS['peak_gb']} GB peak, {AUTHORS['infer_s_per_img']} s/img inference.", '',
+          f"Ours vs theirs, authors' configuration: training step {cmp['step_speedup_with_backbone']:.2f}x faster with the backbone "
+          f"forward in the step, {cmp['step_speedup_cached']:.2f}x on cached features, {cmp['step_speedup_cached_checkpoint']:.2f}x "
+          f"with checkpointing; peak memory {100*cmp['peak_ratio_with_backbone']:.0f} % / {100*cmp['peak_ratio_cached']:.0f} % / "
+          f"{100*cmp['peak_ratio_cached_checkpoint']:.0f} % of theirs; inference {cmp['infer_speedup']:.2f}x faster."]
     (d/'vqflow.md').write_text('\n'.join(L) + '\n'); print('\n'.join(L))
 
 if __name__ == '__main__': main()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Build README.md from nbs/index.ipynb (nbdev's own README step needs Quarto, which this project does not need).
 
-Markdown cells are copied; code cells not marked `#| hide` are shown as code, with their stored text/markdown
-outputs (so the results table rendered in the notebook lands in the README). `--check` fails if README.md is stale.
+Markdown cells are copied; code cells not marked `#| hide` are shown as code (unless `#| echo: false`), with their stored
+text/markdown outputs (so the results table rendered in the notebook lands in the README). `--check` fails if README.md is stale.
 """
 import argparse, sys
 from pathlib import Path
@@ -18,8 +18,9 @@ def render(nb_path):
         if c.cell_type != 'code': continue
         lines = src.splitlines()
         if any(l.strip().replace(' ', '') in ('#|hide', '#|exporti') for l in lines): continue
+        echo = not any(l.strip().replace(' ', '') in ('#|echo:false', '#|echofalse') for l in lines)
         code = '\n'.join(l for l in lines if not l.lstrip().startswith('#|')).strip()
-        if code: parts.append(f'```python\n{code}\n```')
+        if code and echo: parts.append(f'```python\n{code}\n```')
         for o in c.get('outputs', []):
             data = o.get('data', {})
             if 'text/markdown' in data: parts.append(''.join(data['text/markdown']).strip())

@@ -138,7 +138,7 @@ def run_experiment(dataset:str='synthetic', # dataset family: 'synthetic', 'mvte
 
 # %% ../nbs/30_replicate.ipynb #af47b9df
 def run_figures(run:dict, # the output of `run_experiment`
-                n:int=4, # overlays: n highest-scored anomalous and n highest-scored normal test images
+                n:int=3, # overlays: n best detections, n worst misses and n worst false alarms
                 save:bool=True) -> dict:
     "Figures of a run (per-class bars, score histograms, overlays, codebook usage); saved as PNG in out_dir/figures."
     from vqflow_nb import viz
@@ -154,14 +154,19 @@ def run_figures(run:dict, # the output of `run_experiment`
             labels.append(it['label']); scores.append(float(s.image[0])); idx_all.append(i)
     labels, scores = np.array(labels), np.array(scores)
     figs['hist'] = viz.plot_score_hist(labels, scores, title='image scores, all classes')
-    pick = list(np.argsort(-np.where(labels == 1, scores, -np.inf))[:n]) + list(np.argsort(-np.where(labels == 0, scores, -np.inf))[:n])
+    bad, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    best = bad[np.argsort(-scores[bad])][:n]                    # defects scored highest: the best detections
+    missed = bad[np.argsort(scores[bad])][:n]                   # defects scored lowest: the worst misses
+    alarms = good[np.argsort(-scores[good])][:n]                # normal images scored highest: the worst false alarms
+    pick = [*best, *missed, *alarms]
+    kind = ['best detection'] * len(best) + ['worst miss'] * len(missed) + ['false alarm'] * len(alarms)
     imgs, maps, masks, titles = [], [], [], []
     with torch.no_grad():
-        for i in pick:
+        for i, k in zip(pick, kind):
             it, smp = store[int(i)], ds[int(i)]
             s = model.score([f[None].to(dev) for f in it['feats']], None, out_size=tuple(it['mask'].shape[-2:]))
             imgs.append(smp.image); maps.append(s.pixel[0].cpu()); masks.append(it['mask'][0])
-            titles.append(f"{smp.cls_name} {'bad' if it['label'] else 'good'} {scores[i]:.3g}")
+            titles.append(f"{k}: {smp.cls_name} {scores[i]:.3g}")
     figs['overlays'] = viz.show_overlays(imgs, maps, masks, titles=titles, ncols=n)
     if hasattr(model, 'usage'):
         figs['usage'] = viz.plot_codebook_usage(model.usage['cpc'][0], title='CPC prototype usage (last epoch)')

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .core import exists, default, get_device, seed_everything, hash_dict, record
 
 # %% auto #0
-__all__ = ['METRICS', 'Scores', 'Schedule', 'collect_scores', 'metric_table', 'evaluate', 'save_checkpoint', 'FitResult', 'fit']
+__all__ = ['METRICS', 'Scores', 'Schedule', 'make_optimizer', 'collect_scores', 'metric_table', 'evaluate', 'save_checkpoint',
+           'FitResult', 'fit']
 
 # %% ../nbs/20_train.ipynb #1522f110
 class Scores(NamedTuple):
@@ -58,6 +59,17 @@ class Schedule:
             t = min(max(epoch - self.warmup_epochs, 0) / max(self.epochs - self.warmup_epochs, 1), 1.0)
             f *= self.cosine_min + (1 - self.cosine_min) * 0.5 * (1 + math.cos(math.pi * t))
         return f
+
+# %% ../nbs/20_train.ipynb #5dcd5baa
+def make_optimizer(params, # parameters to optimise
+                   sch:Schedule, # the run's schedule
+                  ) -> torch.optim.Optimizer:
+    "Adam/AdamW for `sch`, fused where torch supports it on the parameters' device."
+    Opt = dict(adam=torch.optim.Adam, adamw=torch.optim.AdamW)[sch.optimizer]
+    kw = dict(lr=sch.lr, betas=tuple(sch.betas), weight_decay=sch.weight_decay)
+    params = list(params)
+    try: return Opt(params, fused=True, **kw)
+    except (RuntimeError, ValueError): return Opt(params, foreach=False, **kw)
 
 # %% ../nbs/20_train.ipynb #3e9bbe08
 def _to_device(x, device):
@@ -178,8 +190,7 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
     sch = replace(default(schedule, lambda: method.schedule()), **overrides)
     device = get_device(device); seed_everything(seed); method.to(device)
     params = [p for p in method.parameters() if p.requires_grad]
-    Opt = dict(adam=torch.optim.Adam, adamw=torch.optim.AdamW)[sch.optimizer]
-    opt = Opt(params, lr=sch.lr, betas=tuple(sch.betas), weight_decay=sch.weight_decay)
+    opt = make_optimizer(params, sch)
     res = FitResult(history=[], evals={}, schedule=sch)
     ckpt = Path(out_dir)/'checkpoints'/'last.pt' if exists(out_dir) else None
     run_key = hash_dict(dict(schedule=asdict(sch), seed=seed, method=type(method).__name__))

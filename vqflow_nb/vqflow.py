@@ -40,6 +40,7 @@ class VQFlowConfig:
     reassign:bool = False # dead-code re-assignment after each epoch [code] --reassign-quantize (off in README)
     top_k:float = 0.03 # image score = mean of the top 3 % of the 'mul' map [code] top_k
     seed:int|None = None # permutation seeds of the flows (None: numpy's global RNG, like FrEIA)
+    checkpoint:bool = False # ours, not the authors': recompute flow-block activations in backward (less memory, ~1/3 more time)
     # optimisation [code] §1.5: Adam 1e-4, batch 16, 30 meta-epochs x 2 sub-epochs (argparse wins over default.py),
     # LinearLR warm-up from 0.1x over 5 meta-epochs = 10 sub-epochs, MultiStepLR [70, 90] x0.33 per sub-epoch
     # (never fires within 60), grad-norm clip 2.0, evaluation after every meta-epoch
@@ -84,6 +85,7 @@ class VQFlow(nn.Module):
                                                num_cpc=cfg.k_cpc, pe_dim=cfg.pe_dim, num_cspc=cfg.k_cspc,
                                                quantize=cfg.quantize)
         self.flows, self.fusion = vqflow_flows(cfg.channels, cfg.cond_channels, cfg.depths, cfg.clamp, seed=cfg.seed)
+        for f in self.flows: f.checkpoint = cfg.checkpoint
         self.prior = MixedGaussianPrior(cfg.proto_dim, list(cfg.channels), variant=cfg.variant) if cfg.mixed_gaussian else None
 
     def forward(self, feats:list, # backbone maps [stage1, stage2, stage3, stage4], (B,C_l,H_l,W_l)
