@@ -26,6 +26,8 @@ def case(name, steps):
     from vqflow_nb.features import FeatureExtractor
     from vqflow_nb.flows import count_params
     from vqflow_nb.train import make_optimizer, Schedule
+    from vqflow_nb.core import cpu_memory_mode
+    cpu_memory_mode()                                   # as the trainer does on CPU
     torch.manual_seed(0)
     authors = name.startswith('authors')
     ext, bs = (FeatureExtractor.from_preset('vqflow', weights='random'), 4) if authors else (FeatureExtractor.from_preset('offline'), 8)

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['exists', 'default', 'project_root', 'in_test', 'seed_everything', 'get_device', 'set_threads', 'package_versions',
-           'provenance', 'record', 'file_fingerprint', 'hash_dict', 'file_lock']
+__all__ = ['exists', 'default', 'project_root', 'in_test', 'seed_everything', 'get_device', 'set_threads', 'cpu_memory_mode',
+           'package_versions', 'provenance', 'record', 'file_fingerprint', 'hash_dict', 'file_lock']
 
 # %% ../nbs/00_core.ipynb #fcd9dff6
 def exists(x) -> bool:
@@ -70,6 +70,16 @@ def set_threads(n:int|None=None, # torch intra-op threads; None = $VQFLOW_THREAD
     n = n or int(os.environ.get('VQFLOW_THREADS', 0)) or (1 if in_test() else 0)
     if n: torch.set_num_threads(n)
     return torch.get_num_threads()
+
+# %% ../nbs/00_core.ipynb #c6b425d1
+def cpu_memory_mode(mmap_threshold:int=1 << 20, # bytes; allocations above go to mmap and return to the OS when freed
+                   ) -> bool:
+    "Fix glibc's mmap threshold so freed large tensors leave the resident set; False where not glibc."
+    import ctypes, ctypes.util
+    try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError: return False
+    if not hasattr(libc, 'mallopt') or platform.libc_ver()[0] != 'glibc': return False
+    return bool(libc.mallopt(-3, int(mmap_threshold)))   # -3 = M_MMAP_THRESHOLD
 
 # %% ../nbs/00_core.ipynb #cf676469
 _PKGS = ('vqflow_nb', 'torch', 'torchvision', 'timm', 'numpy', 'scipy', 'scikit-learn', 'scikit-image',

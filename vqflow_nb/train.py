@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import exists, default, get_device, seed_everything, hash_dict, record
+from .core import exists, default, get_device, seed_everything, hash_dict, record, cpu_memory_mode
 
 # %% auto #0
 __all__ = ['METRICS', 'Scores', 'Schedule', 'make_optimizer', 'collect_scores', 'metric_table', 'evaluate', 'save_checkpoint',
@@ -189,6 +189,7 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
     "Train `method` on `train_store`, evaluating on `test_store` every `eval_every` epochs; resumable."
     sch = replace(default(schedule, lambda: method.schedule()), **overrides)
     device = get_device(device); seed_everything(seed); method.to(device)
+    if device.type == 'cpu': cpu_memory_mode()   # lower peak resident memory (see 00_core)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = make_optimizer(params, sch)
     res = FitResult(history=[], evals={}, schedule=sch)
