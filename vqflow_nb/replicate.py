@@ -139,8 +139,9 @@ def run_experiment(dataset:str='synthetic', # dataset family: 'synthetic', 'mvte
 # %% ../nbs/30_replicate.ipynb #af47b9df
 def run_figures(run:dict, # the output of `run_experiment`
                 n:int=3, # overlays: n best detections, n worst misses and n worst false alarms
-                save:bool=True) -> dict:
-    "Figures of a run (per-class bars, score histograms, overlays, codebook usage); saved as PNG in out_dir/figures."
+               ) -> dict:
+    "Save a run's figures (per-class bars, score histograms, overlays, codebook usage) in out_dir/figures; return their paths."
+    import matplotlib.pyplot as plt
     from vqflow_nb import viz
     from vqflow_nb.train import collect_scores, _to_device
     model, store, ds, dev = run['model'], run['test_features'], run['test_ds'], run['device']
@@ -170,10 +171,13 @@ def run_figures(run:dict, # the output of `run_experiment`
     figs['overlays'] = viz.show_overlays(imgs, maps, masks, titles=titles, ncols=n)
     if hasattr(model, 'usage'):
         figs['usage'] = viz.plot_codebook_usage(model.usage['cpc'][0], title='CPC prototype usage (last epoch)')
-    if save:
-        d = Path(run['out_dir'])/'figures'; d.mkdir(parents=True, exist_ok=True)
-        for k, f in figs.items(): f.savefig(d/f'{k}.png', dpi=72, bbox_inches='tight')
-    return figs
+    d = Path(run['out_dir'])/'figures'; d.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for k, f in figs.items():   # photographs compress far better as JPEG; plots stay PNG
+        paths[k] = d/(f'{k}.jpg' if k == 'overlays' else f'{k}.png')
+        f.savefig(paths[k], dpi=72, bbox_inches='tight', **(dict(pil_kwargs=dict(quality=80)) if k == 'overlays' else {}))
+        plt.close(f)            # shown once, from the file, by the notebook
+    return paths
 
 # %% ../nbs/30_replicate.ipynb #261b4356
 def run_id(params:dict) -> str:
@@ -244,13 +248,19 @@ def replicate(config:str|Path|dict, # a YAML file or the dict it holds
 METRIC_NAMES = dict(i_auroc='I-AUROC', i_ap='I-AP', i_f1max='I-F1max', p_auroc='P-AUROC', p_ap='P-AP',
                     p_f1max='P-F1max', aupro='AUPRO')
 
+def _weights_label(w) -> str:
+    "Short text for a recorded weights source (a string, or the dict `features.build_backbone` records)."
+    if not isinstance(w, dict): return str(w)
+    detail = w.get('package') and f"{w['package']} {w.get('version', '')}".strip() or w.get('file') or w.get('path') or ''
+    return f"{w.get('kind', 'weights')} ({detail})" if detail else str(w.get('kind', w))
+
 def load_runs(results:str|Path) -> pd.DataFrame:
     "Tidy frame of every run's metrics: one row per (run, class, metric) with last and best values."
     rows = []
     for fn in sorted(Path(results).glob('*/*/*/metrics.json')):
         m = json.loads(fn.read_text())
         base = dict(dataset=m['dataset'], method=m['method'], run_id=fn.parent.name, variant=m['variant'],
-                    backbone=m['backbone'], weights=str(m['weights'].get('source', m['weights']) if isinstance(m['weights'], dict) else m['weights']),
+                    backbone=m['backbone'], weights=_weights_label(m['weights']),
                     image_size=m['image_size'], epochs=m['epochs'], seed=m['seed'], needs_labels=m['needs_labels'],
                     faithful=m.get('faithful', False), best_epoch=m['best']['epoch'], last_epoch=m['last']['epoch'])
         for cls in [*m['last']['per_class'], 'mean']:
