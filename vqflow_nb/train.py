@@ -222,7 +222,7 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
                 if sch.clip_grad: torch.nn.utils.clip_grad_norm_(params, sch.clip_grad)
                 opt.step()
             if not torch.isfinite(parts['loss']): raise FloatingPointError(f'non-finite loss at epoch {epoch}: {parts}')
-            for k, v in parts.items(): sums[k] = sums.get(k, 0.0) + float(v)
+            for k, v in parts.items(): sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             n += 1
             bar.set_postfix(loss=f"{sums['loss']/n:.4g}")
         if hasattr(method, 'on_epoch_end'): method.on_epoch_end(epoch)
