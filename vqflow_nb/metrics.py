@@ -252,9 +252,12 @@ def pixel_metrics(masks, # (N,H,W) or (N,1,H,W) GT masks
                   fpr_limit:float=0.3, # AU-PRO integration limit
                   on_single_label:str="raise", # "raise" or warn and give "nan" when masks are all normal / all anomalous
                   backend:str="fast", # "fast": one shared sort (== scikit-learn, tested); "sklearn": roc_auc_score etc. (3 sorts, ~20x slower)
+                  pro_maps=None, # maps for AU-PRO if a method uses another map there (VQ-Flow: 'mul' for AU-PRO, 'add' for the rest); None = `maps`
                  ) -> dict:
     "Compute pixel AUROC, AP, F1-max (flattened over all pixels) and AU-PRO for one class."
     mp = _as_maps(maps, "maps")
+    pro = mp if pro_maps is None else _as_maps(pro_maps, "pro_maps")
+    if pro.shape != mp.shape: raise ValueError(f"pro_maps: shape {pro.shape} differs from maps {mp.shape}")
     if mp.dtype not in (np.float32, np.float64): mp = mp.astype(np.float32)   # float16 storage: sort in float32
     mk = _as_masks(masks, mp.shape)
     if not np.isfinite(mp).all(): raise ValueError("maps: contain NaN/inf")
@@ -262,13 +265,13 @@ def pixel_metrics(masks, # (N,H,W) or (N,1,H,W) GT masks
     if backend == "sklearn":
         y, s = mk.ravel(), mp.ravel()
         return dict(p_auroc=float(roc_auc_score(y, s)), p_ap=float(average_precision_score(y, s)), p_f1max=f1_max(y, s),
-                    aupro=aupro(mk, mp, fpr_limit=fpr_limit, variant=aupro_variant, steps=aupro_steps))
+                    aupro=aupro(mk, pro, fpr_limit=fpr_limit, variant=aupro_variant, steps=aupro_steps))
     if backend != "fast": raise ValueError(f"backend must be 'fast' or 'sklearn', got {backend!r}")
     s_sorted, pos_sorted = _sort_desc(mp.ravel(), mk.ravel())
     out = _roc_pr_from_sorted(s_sorted, pos_sorted); del s_sorted, pos_sorted
     # AU-PRO sorts again, but only the pixels above its FPR limit (see `pro_curve_exact`): cheaper in memory than
     # carrying region ids through the full sort and a full-length PRO curve
-    out["aupro"] = aupro(mk, mp, fpr_limit=fpr_limit, variant=aupro_variant, steps=aupro_steps)
+    out["aupro"] = aupro(mk, pro, fpr_limit=fpr_limit, variant=aupro_variant, steps=aupro_steps)
     return out
 
 def class_metrics(labels, # (N,) image labels
@@ -278,6 +281,7 @@ def class_metrics(labels, # (N,) image labels
                   aupro_variant:str="exact", # see `aupro`
                   aupro_steps:int=800, # see `aupro`
                   on_single_label:str="raise", # see `image_metrics`
+                  pro_maps=None, # see `pixel_metrics`
                  ) -> dict:
     "Return all seven metrics of one class; pixel metrics are None without masks or maps."
     out = image_metrics(labels, scores, on_single_label)
@@ -285,11 +289,11 @@ def class_metrics(labels, # (N,) image labels
     else:
         n = _np(labels, "labels").size
         if len(maps) != n: raise ValueError(f"maps: {len(maps)} maps for {n} labels")
-        out.update(pixel_metrics(masks, maps, aupro_variant, aupro_steps, on_single_label=on_single_label))
+        out.update(pixel_metrics(masks, maps, aupro_variant, aupro_steps, on_single_label=on_single_label, pro_maps=pro_maps))
     return out
 
 # %% ../nbs/03_metrics.ipynb #6e7261b2
-def evaluate_classes(per_class:dict, # class name -> dict(labels=, scores=, masks=None, maps=None)
+def evaluate_classes(per_class:dict, # class name -> dict(labels=, scores=, masks=None, maps=None, pro_maps=None)
                      aupro_variant:str="exact", # see `aupro`
                      aupro_steps:int=800, # see `aupro`
                      on_single_label:str="raise", # see `image_metrics`
@@ -299,7 +303,8 @@ def evaluate_classes(per_class:dict, # class name -> dict(labels=, scores=, mask
     for c, d in per_class.items():
         if not isinstance(d, dict) or "labels" not in d or "scores" not in d:
             raise ValueError(f"per_class[{c!r}]: needs a dict with 'labels' and 'scores' (and optionally 'masks', 'maps')")
-        rows[c] = class_metrics(d["labels"], d["scores"], d.get("masks"), d.get("maps"), aupro_variant, aupro_steps, on_single_label)
+        rows[c] = class_metrics(d["labels"], d["scores"], d.get("masks"), d.get("maps"), aupro_variant, aupro_steps,
+                                on_single_label, pro_maps=d.get("pro_maps"))
         rows[c]["n_images"] = len(_np(d["labels"], "labels").ravel())
     return _with_mean(rows)
 

@@ -114,19 +114,13 @@ def metric_table(per_class:dict, # output of `collect_scores`
                  class_names:list, # names indexed by cls_index
                  aupro_variant:str='exact', # 'exact' (MVTec definition) or 'approx' (the papers' 800 thresholds)
                 ) -> pd.DataFrame:
-    "Per-class metric rows (index = class names) plus a `mean` row over classes."
-    from vqflow_nb.metrics import image_metrics, pixel_metrics, aupro
-    rows = {}
-    for c in sorted(per_class):
-        d = per_class[c]; row = dict(image_metrics(d['labels'], d['scores']))
-        if d['has_mask'] and d['masks'].any():
-            row.update(pixel_metrics(d['masks'], d['maps']))
-            row['aupro'] = aupro(d['masks'], d['pro_maps'] if exists(d['pro_maps']) else d['maps'], variant=aupro_variant)
-        else: row.update({k: None for k in ('p_auroc', 'p_ap', 'p_f1max', 'aupro')})
-        rows[class_names[c]] = row
-    df = pd.DataFrame.from_dict(rows, orient='index')[list(METRICS)].astype(float)
-    df.loc['mean'] = df.mean(skipna=True)
-    return df
+    "Per-class metric rows (index = class names) plus a `mean` row over classes (`vqflow_nb.metrics.evaluate_classes`)."
+    from vqflow_nb.metrics import evaluate_classes
+    pixel = lambda d: d['has_mask'] and d['masks'].any()   # image-level-only classes: pixel metrics None, never invented
+    t = evaluate_classes({class_names[c]: dict(labels=d['labels'], scores=d['scores'],
+                                               **(dict(masks=d['masks'], maps=d['maps'], pro_maps=d['pro_maps']) if pixel(d) else {}))
+                          for c, d in sorted(per_class.items())}, aupro_variant=aupro_variant)
+    return t[list(METRICS)].astype(float)
 
 def evaluate(method, store, class_names=None, batch_size:int=8, device=None, aupro_variant:str='exact',
              progress:bool=True) -> pd.DataFrame:
