@@ -143,17 +143,15 @@ def run_figures(run:dict, # the output of `run_experiment`
     "Save a run's figures (per-class bars, score histograms, overlays, codebook usage) in out_dir/figures; return their paths."
     import matplotlib.pyplot as plt
     from vqflow_nb import viz
-    from vqflow_nb.train import collect_scores, _to_device
+    from vqflow_nb.train import collect_scores
     model, store, ds, dev = run['model'], run['test_features'], run['test_ds'], run['device']
     figs = dict(bars=viz.plot_class_bars(run['fit'].last))
-    labels, scores, idx_all = [], [], []
-    model.eval()
-    with torch.no_grad():
-        for i in range(len(store)):
-            it = store[i]
-            s = model.score([f[None].to(dev) for f in it['feats']], None, out_size=tuple(it['mask'].shape[-2:]))
-            labels.append(it['label']); scores.append(float(s.image[0])); idx_all.append(i)
-    labels, scores = np.array(labels), np.array(scores)
+    # one batched scoring pass (as in evaluation); collect_scores keeps the store's order within each class
+    per, cls = collect_scores(model, store, device=dev, progress=False), np.asarray(store.cls_index)
+    labels, scores, where = np.asarray(store.labels), np.empty(len(store)), {}
+    for c, d in per.items():
+        idx = np.flatnonzero(cls == c); scores[idx] = d['scores']
+        where.update({int(i): (c, j) for j, i in enumerate(idx)})
     figs['hist'] = viz.plot_score_hist(labels, scores, title='image scores, all classes')
     bad, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     best = bad[np.argsort(-scores[bad])][:n]                    # defects scored highest: the best detections
@@ -162,12 +160,10 @@ def run_figures(run:dict, # the output of `run_experiment`
     pick = [*best, *missed, *alarms]
     kind = ['best detection'] * len(best) + ['worst miss'] * len(missed) + ['false alarm'] * len(alarms)
     imgs, maps, masks, titles = [], [], [], []
-    with torch.no_grad():
-        for i, k in zip(pick, kind):
-            it, smp = store[int(i)], ds[int(i)]
-            s = model.score([f[None].to(dev) for f in it['feats']], None, out_size=tuple(it['mask'].shape[-2:]))
-            imgs.append(smp.image); maps.append(s.pixel[0].cpu()); masks.append(it['mask'][0])
-            titles.append(f"{k}: {smp.cls_name} {scores[i]:.3g}")
+    for i, k in zip(pick, kind):
+        (c, j), smp = where[int(i)], ds[int(i)]
+        imgs.append(smp.image); maps.append(per[c]['maps'][j]); masks.append(per[c]['masks'][j])
+        titles.append(f"{k}: {smp.cls_name} {scores[i]:.3g}")
     figs['overlays'] = viz.show_overlays(imgs, maps, masks, titles=titles, ncols=n)
     if hasattr(model, 'usage'):
         figs['usage'] = viz.plot_codebook_usage(model.usage['cpc'][0], title='CPC prototype usage (last epoch)')
