@@ -103,7 +103,8 @@ def provenance(device:str|torch.device|None=None, # the device the run uses
     try: root = project_root()
     except FileNotFoundError: root = None
     sha = _git('rev-parse', '--verify', '-q', 'HEAD', cwd=root) if root else ''
-    dirty = bool(_git('status', '--porcelain', '--untracked-files=no', cwd=root)) if sha else None
+    # dirty = tracked code differs from the commit; results/ is where runs write, so it does not count
+    dirty = bool(_git('status', '--porcelain', '--untracked-files=no', '--', '.', ':!results', cwd=root)) if sha else None
     dev = get_device(device)
     info = dict(git_sha=sha or None, git_dirty=dirty, python=sys.version.split()[0], platform=platform.platform(),
                 versions=package_versions(), device=str(dev), cuda=torch.version.cuda,
