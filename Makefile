@@ -1,5 +1,6 @@
 # The two commands of the README, each working on a fresh clone with Python 3.11 and pip:
-#   make replicate   the embedded-default replication (synthetic data, offline backbone) into results/
+#   make replicate   the embedded-default replication (synthetic data, offline backbone) into results/; a run already
+#                    there is re-run into results/_scratch/verify and compared with the committed numbers
 #   make test        every notebook under nbdev_test, plus pytest tests/
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -20,7 +21,7 @@ $(STAMP): settings.ini setup.py
 install: $(STAMP)
 
 replicate: $(STAMP)
-	$(BIN)/vqflow-replicate --config replicate/synthetic.yaml
+	$(BIN)/vqflow-replicate --config replicate/synthetic.yaml --verify
 
 test: $(STAMP)
 	$(BIN)/python tools/run_tests.py

@@ -8,7 +8,7 @@ import papermill as pm
 import pytest
 
 from vqflow_nb.core import project_root
-from vqflow_nb.replicate import PARAMETERS, replicate, run_id, main
+from vqflow_nb.replicate import PARAMETERS, replicate, run_id, main, data_fingerprint, synthetic_root, load_runs
 
 ROOT = project_root()
 NBS = sorted((ROOT/'nbs'/'replicate').glob('*.ipynb'))
@@ -27,25 +27,32 @@ def _fake_notebook(path):
 from vqflow_nb.core import record
 if method == "broken": raise RuntimeError("boom: this run fails on purpose")
 t = dict(i_auroc=0.9, i_ap=0.9, i_f1max=0.9, p_auroc=0.8, p_ap=0.5, p_f1max=0.5, aupro=0.7)
-record(out_dir, "metrics", dict(dataset="fake", method=method, variant="code", backbone="lite0", weights="offline",
-       image_size=64, needs_labels=False, epochs=epochs, seed=seed, classes=["a"], faithful=False,
-       last=dict(epoch=0, per_class=dict(a=t), mean=t), best=dict(epoch=0, per_class=dict(a=t), mean=t)))
+if method != "nometrics":
+    record(out_dir, "metrics", dict(dataset="fake", method=method, variant="code", backbone="lite0", weights="offline",
+           image_size=64, needs_labels=False, epochs=epochs, seed=seed, classes=["a"], faithful=False,
+           degenerate=method == "flat", degenerate_detail=dict(last={"a": ["all 9 image scores are equal (1)"]}),
+           last=dict(epoch=0, per_class=dict(a=t), mean=t), best=dict(epoch=0, per_class=dict(a=t), mean=t)))
+if method == "late": raise RuntimeError("fails after writing metrics.json")
 ''')
     nb.cells = [p, body]; nbformat.write(nb, path); return path
+
+def _rid(method, **p):
+    p = dict(epochs=3, seed=1, method=method, data_root=str(synthetic_root()), **p)
+    return run_id(p, data_fingerprint(p['data_root']))
 
 def test_runner_resume_and_failure(tmp_path):
     nb = _fake_notebook(tmp_path/'fake.ipynb')
     cfg = dict(runs=[dict(notebook=str(nb), dataset='fake', methods=['vqflow', 'broken'], seeds=[1],
-                          parameters=dict(epochs=3))])
+                          parameters=dict(epochs=3, data_root=str(synthetic_root())))])
     res = tmp_path/'results'
     df = replicate(cfg, results=res, progress=False)
     st = dict(zip(df['method'], df['status']))
     assert st['vqflow'] == 'ok' and st['broken'].startswith('failed')
-    ok = res/'fake'/'vqflow'/run_id(dict(epochs=3, seed=1, method='vqflow'))
-    assert (ok/'metrics.json').exists() and (ok/'run.ipynb').exists()
+    ok = res/'fake'/'vqflow'/_rid('vqflow')
+    assert (ok/'metrics.json').exists() and (ok/'run.ipynb').exists() and (ok/'complete.json').exists()
     m = json.loads((ok/'metrics.json').read_text())
     assert m['epochs'] == 3 and m['seed'] == 1
-    bad = res/'fake'/'broken'/run_id(dict(epochs=3, seed=1, method='broken'))
+    bad = res/'fake'/'broken'/_rid('broken')
     assert (bad/'run.ipynb').exists() and not (bad/'metrics.json').exists()   # partial notebook kept
     fails = pd.read_csv(res/'failures.csv')
     assert list(fails['method']) == ['broken'] and 'boom' in fails['message'][0]
@@ -59,3 +66,54 @@ def test_runner_resume_and_failure(tmp_path):
 def test_cli_collect(tmp_path, capsys):
     assert main(['--collect', '--results', str(tmp_path)]) == 0
     assert 'collected 0 runs' in capsys.readouterr().out
+
+def test_every_non_ok_outcome_is_recorded(tmp_path):
+    "No metrics.json, a failure after writing it, a degenerate run: each gets a failures.csv row; only finished runs skip."
+    nb = _fake_notebook(tmp_path/'fake.ipynb')
+    cfg = dict(runs=[dict(notebook=str(nb), dataset='fake', methods=['nometrics', 'late', 'flat'], seeds=[1],
+                          parameters=dict(epochs=3, data_root=str(synthetic_root())))])
+    res = tmp_path/'results'
+    st = dict(zip(*replicate(cfg, results=res, progress=False)[['method', 'status']].values.T))
+    assert st == dict(nometrics='failed', late='failed', flat='degenerate'), st
+    fails = pd.read_csv(res/'failures.csv').set_index('method')
+    assert fails.loc['nometrics', 'error'] == 'NoMetrics' and 'after writing' in fails.loc['late', 'message']
+    assert fails.loc['flat', 'error'] == 'Degenerate'
+    late = res/'fake'/'late'/_rid('late')
+    assert not (late/'complete.json').exists() and not (late/'metrics.json').exists()   # not readable as a result
+    assert (late/'metrics.failed-run.json').exists()                                    # but kept for inspection
+    runs = load_runs(res)
+    assert set(runs['method']) == {'flat'} and runs['degenerate'].all()             # only finished runs are tabled
+    assert 'DEGENERATE' in (res/'tables'/'fake.md').read_text()
+    st2 = dict(zip(*replicate(cfg, results=res, progress=False)[['method', 'status']].values.T))
+    assert st2 == dict(nometrics='failed', late='failed', flat='skipped (finished)'), st2   # failures are retried
+
+def test_other_data_is_another_run(tmp_path):
+    "The same parameters on another folder never report the old folder's results as finished."
+    import shutil
+    a, b = tmp_path/'a', tmp_path/'b'
+    shutil.copytree(synthetic_root()/'bar', a/'bar', copy_function=shutil.copy2)
+    shutil.copytree(a, b, copy_function=shutil.copy2)
+    f = sorted((b/'bar'/'test'/'good').iterdir())[0]; f.write_bytes(f.read_bytes() + b'\0')   # one changed file
+    nb = _fake_notebook(tmp_path/'fake.ipynb')
+    grid = lambda root: dict(runs=[dict(notebook=str(nb), dataset='fake', methods=['vqflow'], seeds=[1],
+                                        parameters=dict(epochs=3, data_root=str(root)))])
+    df_a = replicate(grid(a), results=tmp_path/'res', progress=False, collect_tables=False)
+    df_b = replicate(grid(b), results=tmp_path/'res', progress=False, collect_tables=False)
+    assert df_a['status'][0] == 'ok' and df_b['status'][0] == 'ok' and df_a['run_id'][0] != df_b['run_id'][0]
+
+def test_verify_reruns_and_compares(tmp_path):
+    "verify=True re-runs a finished run into _scratch/verify and says whether the numbers were reproduced."
+    nb = _fake_notebook(tmp_path/'fake.ipynb')
+    cfg = dict(runs=[dict(notebook=str(nb), dataset='fake', methods=['vqflow'], seeds=[1],
+                          parameters=dict(epochs=3, data_root=str(synthetic_root())))])
+    res = tmp_path/'results'
+    replicate(cfg, results=res, progress=False)
+    df = replicate(cfg, results=res, progress=False, verify=True)
+    assert df['status'][0] == 'ok' and df['reproduced'][0] == 'exactly', df.to_dict()
+    assert (res/'_scratch'/'verify'/'fake'/'vqflow'/_rid('vqflow')/'metrics.json').exists()
+
+def test_real_dataset_notebook_needs_data_root(tmp_path):
+    "A real-dataset notebook run without data_root stops with an error that says how to point it at the data."
+    with pytest.raises(pm.PapermillExecutionError, match='needs data_root'):
+        pm.execute_notebook(str(ROOT/'nbs'/'replicate'/'mvtec_ad.ipynb'), str(tmp_path/'out.ipynb'), kernel_name='python3',
+                            parameters=dict(out_dir=str(tmp_path/'run')), progress_bar=False, cwd=str(ROOT))

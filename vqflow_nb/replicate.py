@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_replicate.ipynb #65e11371
 from __future__ import annotations
-import argparse, csv, json, os, re, shutil, sys, tempfile, time, traceback
+import argparse, csv, hashlib, json, os, re, shutil, sys, tempfile, time, traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,46 +13,69 @@ import pandas as pd
 import torch
 import yaml
 
+from tqdm.auto import tqdm
+
 from .core import (exists, default, project_root, provenance, record, seed_everything, set_threads,
-                            get_device, hash_dict, in_test)
+                            get_device, hash_dict, in_test, file_fingerprint)
 
 # %% auto #0
 __all__ = ['PARAMETERS', 'METHODS', 'METRIC_NAMES', 'register_method', 'build_method', 'make_extractor', 'resolve_data',
-           'run_experiment', 'run_figures', 'run_id', 'replicate', 'load_runs', 'load_reported', 'collect', 'main']
+           'synthetic_root', 'data_fingerprint', 'portable_path', 'train_classes', 'run_experiment', 'run_figures',
+           'run_id', 'compare_runs', 'replicate', 'load_runs', 'load_reported', 'collect', 'main']
 
 # %% ../nbs/30_replicate.ipynb #ba7ed18c
 PARAMETERS = ('data_root', 'classes', 'method', 'variant', 'backbone', 'weights', 'image_size', 'epochs',
               'batch_size', 'lr', 'seed', 'device', 'eval_every', 'out_dir', 'cache_dir')
 
-# %% ../nbs/30_replicate.ipynb #4127baf5
+# %% ../nbs/30_replicate.ipynb #48875320
 METHODS = {}
 
 def register_method(name:str, # the method id used in parameters and results folders
                     authors:dict, # the authors' setting: backbone preset, image_size, epochs (for the 'faithful' label)
+                    offline:str='offline', # the feature preset of the embedded default (packaged weights, CPU-sized)
                    ):
-    "Decorator: register `builder(channels, variant, small, seed) -> nn.Module` under `name`."
+    "Decorator: register `builder(channels, *, variant, small, seed, n_classes, extractor) -> nn.Module` under `name`."
     def deco(builder):
-        METHODS[name] = dict(build=builder, authors=authors); return builder
+        METHODS[name] = dict(build=builder, authors=authors, offline=offline); return builder
     return deco
 
-@register_method('vqflow', authors=dict(backbone='vqflow', image_size=384, epochs=60)) # [code] METHODS.md §1.1, §1.5
-def _build_vqflow(channels, variant='code', small=False, seed=None):
+def _from_module(module:str):
+    "A builder that imports the method's module (and its `build`) only when a run asks for it."
+    def build(channels, **kw):
+        import importlib
+        return importlib.import_module(module).build(channels, **kw)
+    return build
+
+# %% ../nbs/30_replicate.ipynb #00b66ca9
+# VQ-Flow [code] cool-xuan/vqflow `main.py` argparse: convnextv2_base, --input-size 384, 30 meta x 2 sub-epochs
+@register_method('vqflow', authors=dict(backbone='vqflow', image_size=384, epochs=60), offline='offline')
+def _build_vqflow(channels, variant='code', small=False, seed=None, **_):
     from vqflow_nb.vqflow import VQFlow, VQFlowConfig
     cfg = (VQFlowConfig.small if small else VQFlowConfig.for_channels)(channels, variant=variant, seed=seed)
     return VQFlow(cfg)
 
-def build_method(name:str, channels, variant:str='code', small:bool=False, seed=None):
-    "Build the registered method `name` for a backbone with these stage `channels`."
-    if name not in METHODS: raise ValueError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
-    return METHODS[name]['build'](channels, variant=variant, small=small, seed=seed)
+# HGAD [code] xcyao00/HGAD `main.py`: tf_efficientnet_b6 on a 1024/512/256 pyramid, 25 meta x 8 sub-epochs
+register_method('hgad', authors=dict(backbone='hgad', image_size=1024, epochs=200), offline='hgad_offline')(
+    _from_module('vqflow_nb.hgad'))
+# HVQ-Trans [code] RuiyingLu/HVQ-Trans `experiments/MVTec-AD/config.yaml`: EfficientNet-B4 at 224, 1000 epochs
+register_method('hvqtrans', authors=dict(backbone='hvqtrans', image_size=224, epochs=1000), offline='hvqtrans_offline')(
+    _from_module('vqflow_nb.hvqtrans'))
 
-# %% ../nbs/30_replicate.ipynb #d08913d5
-def make_extractor(backbone:str='offline', # a preset of `vqflow_nb.features.PRESETS` or a timm model name
+def build_method(name:str, channels, variant:str='code', small:bool=False, seed=None, n_classes:int|None=None,
+                 extractor=None):
+    "Build the registered method `name` for a backbone with these stage `channels` (and `n_classes` classes)."
+    if name not in METHODS: raise ValueError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
+    return METHODS[name]['build'](channels, variant=variant, small=small, seed=seed, n_classes=n_classes, extractor=extractor)
+
+# %% ../nbs/30_replicate.ipynb #29856044
+def make_extractor(backbone:str|None=None, # a preset of `vqflow_nb.features.PRESETS`, a timm model name, or None
                    weights:str|None=None, # 'offline' | 'timm' | 'random' | a checkpoint path; None = the preset's
                    image_size:int|None=None, # None = the preset's
+                   method:str='vqflow', # backbone=None means this method's embedded default preset
                   ):
     "The frozen feature extractor for a run."
     from vqflow_nb.features import FeatureExtractor, PRESETS
+    backbone = default(backbone, lambda: METHODS[method]['offline'])
     kw = {} if image_size is None else dict(input_size=image_size)
     if exists(weights): kw['weights'] = weights
     if backbone in PRESETS: return FeatureExtractor.from_preset(backbone, **kw)
@@ -64,77 +87,145 @@ def make_extractor(backbone:str='offline', # a preset of `vqflow_nb.features.PRE
     if len(idx) != 4: raise ValueError(f'{backbone}: no stages at strides 4/8/16/32 (has {red})')
     return FeatureExtractor(backbone, out_indices=idx, weights=default(weights, 'timm'), **kw)
 
-# %% ../nbs/30_replicate.ipynb #87206aea
+# %% ../nbs/30_replicate.ipynb #43894f33
 def resolve_data(dataset:str, # 'synthetic', 'mvtec_ad', 'visa' or any name (MVTec layout)
-                 data_root:str|Path|None=None, # None = build the synthetic dataset in this family's layout
+                 data_root:str|Path|None=None, # the dataset folder; None only for 'synthetic'
                 ) -> Path:
-    "The dataset folder; builds the synthetic default when `data_root` is None."
+    "The dataset folder: `data_root`, or the synthetic default (built if missing) for dataset 'synthetic'."
     if exists(data_root):
         p = Path(data_root).expanduser()
         if not p.exists(): raise FileNotFoundError(f'data_root {p} does not exist')
         return p
+    if dataset != 'synthetic':
+        raise ValueError(f"dataset {dataset!r} needs data_root: pass `-p data_root /path/to/{dataset}` to papermill "
+                         f"(or data_root=... in Python, `-p data_root=...` to vqflow-replicate). The embedded synthetic "
+                         f"data is dataset 'synthetic' (nbs/replicate/synthetic.ipynb).")
+    from vqflow_nb.synthetic import make_synthetic
+    return make_synthetic(project_root()/'data'/'synthetic_mvtec', layout='mvtec')
+
+def synthetic_root(dataset:str='mvtec_ad') -> Path:
+    "The synthetic data in the layout of a dataset family (what the notebooks' smoke tests pass as data_root)."
     from vqflow_nb.synthetic import make_synthetic
     layout = 'visa_csv' if dataset == 'visa' else 'mvtec'
     return make_synthetic(project_root()/'data'/f'synthetic_{layout}', layout=layout)
 
-# %% ../nbs/30_replicate.ipynb #aa779451
+# %% ../nbs/30_replicate.ipynb #1cd65282
+def data_fingerprint(root:str|Path, # dataset root
+                     classes=None, # the classes a run uses (None: all)
+                    ) -> str:
+    "Short hash of the content of every image and mask file of both splits, with their paths relative to `root`."
+    from vqflow_nb.data import scan_dataset
+    root, h = Path(root), hashlib.sha1()
+    files = sorted({f for split in ('train', 'test') for r in scan_dataset(root, split, classes)
+                    for f in (r.path, r.mask_path) if exists(f)})
+    for f in files:   # content, not modification times: a fresh clone's rebuilt synthetic data is the same data
+        with open(f, 'rb') as fh: h.update(Path(f).relative_to(root).as_posix().encode() + b'\0' + hashlib.file_digest(fh, 'sha1').digest())
+    return h.hexdigest()[:12]
+
+def portable_path(p:str|Path) -> str:
+    "`p` relative to `$VQFLOW_DATA` or the project (`<project>/data/x`), else only its name (`<external>/x`)."
+    p = Path(p).expanduser().resolve()
+    bases = [('$VQFLOW_DATA', os.environ.get('VQFLOW_DATA'))]
+    try: bases.append(('<project>', project_root()))
+    except FileNotFoundError: pass
+    for name, base in bases:
+        if base and p.is_relative_to(Path(base).expanduser().resolve()):
+            return f'{name}/{p.relative_to(Path(base).expanduser().resolve()).as_posix()}'
+    return f'<external>/{p.name}'
+
+# %% ../nbs/30_replicate.ipynb #ac95cdb1
 def _table_dict(t:pd.DataFrame) -> dict:
     "Metric table -> {'per_class': {cls: {metric: value}}, 'mean': {...}} with NaN as None."
     clean = lambda r: {k: (None if pd.isna(v) else float(v)) for k, v in r.items()}
     return dict(per_class={c: clean(t.loc[c]) for c in t.index if c != 'mean'}, mean=clean(t.loc['mean']))
 
-def run_experiment(dataset:str='synthetic', # dataset family: 'synthetic', 'mvtec_ad', 'visa', or any name
-                   data_root=None, classes=None, method:str='vqflow', variant:str='code',
-                   backbone:str='offline', weights:str|None=None, image_size:int|None=None,
-                   epochs:int|None=None, batch_size:int|None=None, lr:float|None=None, seed:int=9826,
-                   device:str|None=None, eval_every:int|None=None, out_dir=None, cache_dir=None,
-                   model_size:str='auto', # 'auto' (small for the offline backbone, else the authors'), 'small', 'full'
-                   aupro_variant:str='exact', progress:bool=True) -> dict:
-    "Run one replication end to end; write its outputs to `out_dir`; return them (with the fit result)."
+def _stores(root, classes, ext, model_images:bool, cache_dir, dev, progress):
+    "Train and test datasets and what the method trains on: cached features, or images (`needs_images`)."
     from vqflow_nb.data import AnomalyDataset
     from vqflow_nb.features import extract_features
-    from vqflow_nb.train import fit
-    t_start = time.time(); set_threads(); seed_everything(seed)
-    out_dir = Path(default(out_dir, lambda: tempfile.mkdtemp(prefix=f'vqflow_{dataset}_')))
-    cache_dir = Path(default(cache_dir, lambda: project_root()/'.cache'/'features'))
-    root = resolve_data(dataset, data_root)
-    ext = make_extractor(backbone, weights, image_size)
-    size = ext.input_size[0]
+    from vqflow_nb.train import ImageStore
+    size = ext.input_size
     train_ds = AnomalyDataset(root, 'train', classes=classes, image_size=size, verbose=progress)
     test_ds = AnomalyDataset(root, 'test', classes=classes, image_size=size, verbose=False,
                              class_index=train_ds.class_index)  # the training indices, whatever the test subset
-    counts = test_ds.counts() if hasattr(test_ds, 'counts') else None
-    dev = get_device(device)
-    train_f = extract_features(train_ds, ext, cache_dir, device=dev, progress=progress)
-    test_f = extract_features(test_ds, ext, cache_dir, device=dev, progress=progress)
-    small = model_size == 'small' or (model_size == 'auto' and backbone == 'offline')
-    model = build_method(method, ext.channels, variant=variant, small=small, seed=seed)
-    overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every).items()
-                 if exists(v)}
-    res = fit(model, train_f, test_f, seed=seed, device=dev, out_dir=out_dir, class_names=list(train_ds.classes),
-              aupro_variant=aupro_variant, progress=progress, **overrides)
-    authors = METHODS[method]['authors']
-    faithful = (backbone == authors['backbone'] and size == authors['image_size'] and res.schedule.epochs == authors['epochs']
-                and weights in (None, 'timm') and not small)
-    info = dict(dataset=dataset, method=method, variant=variant, backbone=ext.backbone_name, backbone_preset=backbone,
-                weights=ext.weights_source, image_size=size, needs_labels=bool(getattr(model, 'needs_labels', False)),
-                epochs=res.schedule.epochs, seed=seed, classes=list(train_ds.classes),
-                class_index=dict(train_ds.class_index), faithful=faithful, model_size='small' if small else 'full',
-                aupro_variant=aupro_variant, schedule=asdict(res.schedule),
-                model_config=asdict(model.cfg) if hasattr(model, 'cfg') else None, data_root=str(root),
-                n_params=sum(p.numel() for p in model.parameters()))
+    if model_images: return train_ds, test_ds, ImageStore(train_ds), ImageStore(test_ds)
+    return (train_ds, test_ds, extract_features(train_ds, ext, cache_dir, device=dev, progress=progress),
+            extract_features(test_ds, ext, cache_dir, device=dev, progress=progress))
+
+def _ran_config(model, sch) -> dict|None:
+    "The model's configuration as it ran: schedule-like fields of the config replaced by the schedule actually used."
+    cfg = getattr(model, 'cfg', None)
+    if cfg is None: return None
+    d, s = asdict(cfg), asdict(sch)
+    return {k: (s[k] if k in s else v) for k, v in d.items()}
+
+# %% ../nbs/30_replicate.ipynb #18b4535b
+def train_classes(root, classes=None) -> list:
+    "The class names a run on `root` trains on (the training split's classes)."
+    from vqflow_nb.data import scan_dataset
+    return sorted({r.cls_name for r in scan_dataset(root, 'train', classes)})
+
+def _write_run(run:dict, a:dict) -> dict:
+    "Write metrics.json, env.json, the per-class tables and the history of a finished run; return the metrics."
+    res, model, ext, out_dir = run['fit'], run['model'], run['extractor'], run['out_dir']
+    authors, size = METHODS[a['method']]['authors'], ext.input_size[0]
+    faithful = (a['backbone_preset'] == authors['backbone'] and size == authors['image_size'] and
+                res.schedule.epochs == authors['epochs'] and a['weights_arg'] in (None, 'timm') and not a['small'])
+    degenerate = {k: res.degenerate.get(getattr(res, f'{k}_epoch')) for k in ('last', 'best')}
+    if degenerate['last']: print(f"\n!!! DEGENERATE RUN: {degenerate['last']} — its numbers are NOT a result !!!\n", file=sys.stderr)
+    train_classes = list(run['test_ds'].class_index)
+    info = dict(dataset=a['dataset'], method=a['method'], variant=a['variant'], backbone=ext.backbone_name,
+                backbone_preset=a['backbone_preset'], weights=ext.weights_source, image_size=size,
+                needs_labels=getattr(model, 'needs_labels', False), epochs=res.schedule.epochs, seed=a['seed'],
+                classes=sorted(train_classes, key=run['test_ds'].class_index.get), class_index=dict(run['test_ds'].class_index),
+                faithful=faithful, model_size='small' if a['small'] else 'full', aupro_variant=a['aupro_variant'],
+                schedule=asdict(res.schedule), model_config=_ran_config(model, res.schedule),
+                data_root=portable_path(a['root']), data_fingerprint=data_fingerprint(a['root'], a['classes']),
+                n_params=sum(p.numel() for p in model.parameters()),
+                degenerate=bool(degenerate['last']), degenerate_detail=degenerate)
     metrics = dict(info, last=dict(epoch=res.last_epoch, **_table_dict(res.last)),
                    best=dict(epoch=res.best_epoch, selection='max mean(i_auroc) + mean(p_auroc) on the test set',
                              **_table_dict(res.best)),
-                   best_per_metric=res.best_per_metric(), seconds=time.time() - t_start)
-    record(out_dir, 'metrics', metrics)
-    record(out_dir, 'env', provenance(dev, seed=seed, weights=ext.weights_source, variant=variant,
+                   best_per_metric=res.best_per_metric(), seconds=time.time() - a['t_start'])
+    record(out_dir, 'env', provenance(run['device'], seed=a['seed'], weights=ext.weights_source, variant=a['variant'],
                                       extractor=ext.config))
     res.last.rename_axis('class').to_csv(out_dir/'per_class.csv')
     res.best.rename_axis('class').to_csv(out_dir/'per_class_best.csv')
     pd.DataFrame(res.history).to_csv(out_dir/'history.csv', index=False)
-    return dict(metrics=metrics, fit=res, model=model, test_ds=test_ds, test_features=test_f, out_dir=out_dir,
-                counts=counts, device=dev)
+    record(out_dir, 'metrics', metrics)
+    return metrics
+
+# %% ../nbs/30_replicate.ipynb #5c89cc34
+def run_experiment(dataset:str='synthetic', # dataset family: 'synthetic', 'mvtec_ad', 'visa', or any name
+                   data_root=None, classes=None, method:str='vqflow', variant:str='code',
+                   backbone:str|None=None, # a feature preset or timm name; None = the method's embedded default preset
+                   weights:str|None=None, image_size:int|None=None,
+                   epochs:int|None=None, batch_size:int|None=None, lr:float|None=None, seed:int=9826,
+                   device:str|None=None, eval_every:int|None=None, out_dir=None, cache_dir=None,
+                   model_size:str='auto', # 'auto' (small for an offline preset, else the authors'), 'small', 'full'
+                   aupro_variant:str='exact', progress:bool=True) -> dict:
+    "Run one replication end to end; write its outputs to `out_dir`; return them (with the fit result)."
+    from vqflow_nb.train import fit
+    t_start = time.time(); set_threads(); seed_everything(seed)
+    if method not in METHODS: raise ValueError(f"unknown method {method!r}; registered: {sorted(METHODS)}")
+    out_dir = Path(default(out_dir, lambda: tempfile.mkdtemp(prefix=f'vqflow_{dataset}_')))
+    cache_dir = Path(default(cache_dir, lambda: project_root()/'.cache'/'features'))
+    root, backbone = resolve_data(dataset, data_root), default(backbone, METHODS[method]['offline'])
+    ext, dev = make_extractor(backbone, weights, image_size, method), get_device(device)
+    small = model_size == 'small' or (model_size == 'auto' and 'offline' in backbone)
+    n_cls = len(train_classes(root, classes))
+    model = build_method(method, ext.channels, variant=variant, small=small, seed=seed, n_classes=n_cls, extractor=ext)
+    train_ds, test_ds, train_s, test_s = _stores(root, classes, ext, bool(getattr(model, 'needs_images', False)),
+                                                 cache_dir, dev, progress)
+    overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every).items() if exists(v)}
+    res = fit(model, train_s, test_s, seed=seed, device=dev, out_dir=out_dir, class_names=list(train_ds.classes),
+              aupro_variant=aupro_variant, progress=progress, **overrides)
+    run = dict(fit=res, model=model, test_ds=test_ds, test_features=test_s, out_dir=out_dir, device=dev,
+               counts=test_ds.counts(), extractor=ext)
+    run['metrics'] = _write_run(run, dict(dataset=dataset, method=method, variant=variant, backbone_preset=backbone,
+                                          weights_arg=weights, small=small, seed=seed, root=root, classes=classes,
+                                          aupro_variant=aupro_variant, t_start=t_start))
+    return run
 
 # %% ../nbs/30_replicate.ipynb #af47b9df
 def run_figures(run:dict, # the output of `run_experiment`
@@ -175,13 +266,18 @@ def run_figures(run:dict, # the output of `run_experiment`
         plt.close(f)            # shown once, from the file, by the notebook
     return paths
 
-# %% ../nbs/30_replicate.ipynb #261b4356
-def run_id(params:dict) -> str:
-    "A readable, stable folder name for a run: backbone, size, epochs, variant, seed, plus a hash of the rest."
-    p = dict(params)
-    name = '-'.join(str(x) for x in [p.pop('backbone', 'offline'), f"{p.pop('image_size', None) or 'auto'}px",
+# %% ../nbs/30_replicate.ipynb #6a38407d
+_NOT_IDENTITY = ('out_dir', 'cache_dir', 'method')   # where a run writes, and the method (already in the folder path)
+
+def run_id(params:dict, # the run's notebook parameters
+           data:str|None=None, # the data's fingerprint (`data_fingerprint`); part of the hash
+          ) -> str:
+    "A readable, stable folder name: backbone, size, epochs, variant, seed, plus a hash of everything else that ran."
+    p = {k: v for k, v in params.items() if k not in _NOT_IDENTITY and k != 'data_root'}
+    name = '-'.join(str(x) for x in [p.pop('backbone', None) or 'default', f"{p.pop('image_size', None) or 'auto'}px",
                                      f"e{p.pop('epochs', None) or 'auto'}", p.pop('variant', 'code'), f"s{p.pop('seed', 0)}"])
-    for k in ('method', 'out_dir', 'cache_dir', 'device', 'data_root'): p.pop(k, None)
+    p = {k: v for k, v in p.items() if v is not None}
+    if exists(data): p['data'] = data
     return name + (f'-{hash_dict(p, 6)}' if p else '')
 
 def _expand(cfg:dict) -> list:
@@ -196,47 +292,95 @@ def _expand(cfg:dict) -> list:
                 runs.append(dict(notebook=r['notebook'], dataset=r['dataset'], method=method, params=params))
     return runs
 
-# %% ../nbs/30_replicate.ipynb #a63e35b1
+# %% ../nbs/30_replicate.ipynb #400716c1
 def _failure(results:Path, row:dict):
+    "Append a row to results/failures.csv."
     fn = results/'failures.csv'; new = not fn.exists()
     with open(fn, 'a', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(row)); (w.writeheader() if new else None); w.writerow(row)
+        w = csv.DictWriter(f, fieldnames=['time', 'dataset', 'method', 'run_id', 'notebook', 'error', 'message'])
+        (w.writeheader() if new else None); w.writerow(row)
+
+def _error_message(e:Exception) -> str:
+    "The last line of a papermill error (the notebook's exception), else the exception's text."
+    msg = getattr(e, 'evalue', None) or (str(e).strip().splitlines() or [''])[-1]
+    return str(msg)[:500]
+
+def _execute(nb:Path, out:Path, params:dict, kernel:str, progress:bool, timeout) -> tuple[str, str, str]:
+    "Run one notebook; return (status, error, message). `status` is 'ok', 'degenerate' or 'failed'."
+    import papermill as pm
+    for stale in ('complete.json', 'metrics.json'): (out/stale).unlink(missing_ok=True)   # never read an old result
+    try:
+        pm.execute_notebook(str(nb), str(out/'run.ipynb'), parameters=params, kernel_name=kernel, cwd=str(project_root()),
+                            progress_bar=progress, execution_timeout=timeout)
+    except Exception as e:   # a metrics.json written before the failure is kept for inspection, under a name nobody reads as a result
+        if (out/'metrics.json').exists(): os.replace(out/'metrics.json', out/'metrics.failed-run.json')
+        return 'failed', type(e).__name__, _error_message(e)
+    if not (out/'metrics.json').exists(): return 'failed', 'NoMetrics', 'the notebook finished without writing metrics.json'
+    m = json.loads((out/'metrics.json').read_text())
+    if m.get('degenerate'): return 'degenerate', 'Degenerate', json.dumps(m['degenerate_detail']['last'])[:500]
+    return 'ok', '', ''
+
+# %% ../nbs/30_replicate.ipynb #d4fe5939
+def compare_runs(committed:str|Path, # a finished run's folder
+                 rerun:str|Path, # the same run executed again
+                ) -> dict:
+    "Compare every metric (last and best, per class and mean) of two runs: exact, or the largest difference and where."
+    a, b = (json.loads((Path(p)/'metrics.json').read_text()) for p in (committed, rerun))
+    diffs = []
+    for which in ('last', 'best'):
+        for cls in [*a[which]['per_class'], 'mean']:
+            va = a[which]['mean'] if cls == 'mean' else a[which]['per_class'][cls]
+            vb = b[which]['mean'] if cls == 'mean' else b[which]['per_class'].get(cls, {})
+            for k, x in va.items():
+                y = vb.get(k)
+                if x is None and y is None: continue
+                d = float('inf') if (x is None or y is None) else abs(x - y)
+                diffs.append((d, f'{which} {cls} {k}: {x} vs {y}'))
+    worst = max(diffs) if diffs else (0.0, '')
+    return dict(reproduced='exactly' if worst[0] == 0 else f'max |Δ| = {worst[0]:.4g} ({worst[1]})', max_abs_diff=worst[0])
+
+# %% ../nbs/30_replicate.ipynb #1b67299e
+def _resolve_run(r:dict, root:Path) -> tuple[Path, str]:
+    "The notebook path and the run id (with the data's fingerprint) of a grid entry."
+    nb = Path(r['notebook']); nb = nb if nb.is_absolute() else root/nb
+    p = r['params']
+    data = resolve_data(r['dataset'], p.get('data_root'))
+    return nb, run_id(p, data_fingerprint(data, p.get('classes')))
 
 def replicate(config:str|Path|dict, # a YAML file or the dict it holds
               results:str|Path|None=None, # results folder (default: the config's `results`, else <root>/results)
               kernel:str='python3', # Jupyter kernel for papermill
-              force:bool=False, # re-run runs whose metrics.json exists
+              force:bool=False, # re-run finished runs in place
+              verify:bool=False, # re-run finished runs into results/_scratch/verify and compare with them
               collect_tables:bool=True, # write the tables afterwards
               execution_timeout:int|None=None, # per-cell seconds
               progress:bool=True) -> pd.DataFrame:
-    "Run every run of the grid through papermill (skipping finished ones), record failures, collect the tables."
-    import papermill as pm
+    "Run every run of the grid through papermill, record every non-ok outcome, collect the tables."
     root = project_root()
     cfg = yaml.safe_load(Path(config).read_text()) if not isinstance(config, dict) else config
     results = Path(default(results, lambda: root/cfg.get('results', 'results')))
     if not results.is_absolute(): results = root/results
     runs, rows = _expand(cfg), []
-    for i, r in enumerate(runs):
-        rid = run_id(r['params']); out = results/r['dataset']/r['method']/rid
+    for i, r in enumerate(tqdm(runs, desc='grid', disable=not progress)):
+        nb, rid = _resolve_run(r, root)
+        out = results/r['dataset']/r['method']/rid
+        done = (out/'complete.json').exists()
+        if done and verify: out = results/'_scratch'/'verify'/r['dataset']/r['method']/rid
         status, t0 = 'skipped (finished)', time.time()
         if progress: print(f"[{i+1}/{len(runs)}] {r['dataset']}/{r['method']}/{rid}", flush=True)
-        if force or not (out/'metrics.json').exists():
+        if force or verify or not done:
+            if (out/'complete.json').exists(): shutil.rmtree(out)   # a verification or forced re-run starts afresh
             out.mkdir(parents=True, exist_ok=True)
-            nb = Path(r['notebook']); nb = nb if nb.is_absolute() else root/nb
-            params = dict(r['params'], out_dir=str(out))
-            try:
-                pm.execute_notebook(str(nb), str(out/'run.ipynb'), parameters=params, kernel_name=kernel, cwd=str(root),
-                                    progress_bar=progress, execution_timeout=execution_timeout)
-                status = 'ok' if (out/'metrics.json').exists() else 'failed: no metrics.json written'
-            except Exception as e:
-                status = f'failed: {type(e).__name__}'
-                msg = getattr(e, 'evalue', None) or str(e).strip().splitlines()[-1:] or ['']
+            status, err, msg = _execute(nb, out, dict(r['params'], out_dir=str(out)), kernel, progress, execution_timeout)
+            if status != 'ok':
                 _failure(results, dict(time=time.strftime('%Y-%m-%dT%H:%M:%S'), dataset=r['dataset'], method=r['method'],
-                                       run_id=rid, notebook=str(out/'run.ipynb'), error=type(e).__name__,
-                                       message=str(msg if isinstance(msg, str) else msg[0])[:500]))
+                                       run_id=rid, notebook=str(out/'run.ipynb'), error=err, message=msg))
+            if status in ('ok', 'degenerate'):
+                record(out, 'complete', dict(status=status, seconds=time.time() - t0, time=time.strftime('%Y-%m-%dT%H:%M:%S%z')))
             if progress: print(f'    {status} ({time.time()-t0:.0f} s)', flush=True)
-        rows.append(dict(dataset=r['dataset'], method=r['method'], run_id=rid, status=status, seconds=time.time() - t0,
-                         out_dir=str(out)))
+        row = dict(dataset=r['dataset'], method=r['method'], run_id=rid, status=status, seconds=time.time() - t0, out_dir=str(out))
+        if done and verify: row.update(compare_runs(results/r['dataset']/r['method']/rid, out))
+        rows.append(row)
     if collect_tables: collect(results)
     return pd.DataFrame(rows)
 
@@ -253,17 +397,22 @@ def _weights_label(w) -> str:
 def load_runs(results:str|Path) -> pd.DataFrame:
     "Tidy frame of every run's metrics: one row per (run, class, metric) with last and best values."
     rows = []
+    skipped = []
     for fn in sorted(Path(results).glob('*/*/*/metrics.json')):
+        if not (fn.parent/'complete.json').exists(): skipped.append(fn.parent); continue   # unfinished or failed
         m = json.loads(fn.read_text())
         base = dict(dataset=m['dataset'], method=m['method'], run_id=fn.parent.name, variant=m['variant'],
                     backbone=m['backbone'], weights=_weights_label(m['weights']),
                     image_size=m['image_size'], epochs=m['epochs'], seed=m['seed'], needs_labels=m['needs_labels'],
-                    faithful=m.get('faithful', False), best_epoch=m['best']['epoch'], last_epoch=m['last']['epoch'])
+                    faithful=m.get('faithful', False), best_epoch=m['best']['epoch'], last_epoch=m['last']['epoch'],
+                    degenerate=bool(m.get('degenerate', False)))
         for cls in [*m['last']['per_class'], 'mean']:
             last = m['last']['mean'] if cls == 'mean' else m['last']['per_class'][cls]
             best = m['best']['mean'] if cls == 'mean' else m['best']['per_class'][cls]
             for k in METRIC_NAMES:
                 rows.append(dict(base, cls=cls, metric=k, last=last.get(k), best=best.get(k)))
+    if skipped: print(f"load_runs: {len(skipped)} run folder(s) without complete.json left out (unfinished or failed): "
+                      + ', '.join(str(p.relative_to(results)) for p in skipped), file=sys.stderr)
     return pd.DataFrame(rows)
 
 def load_reported(path:str|Path|None=None) -> pd.DataFrame:
@@ -279,14 +428,20 @@ def _pick_reported(rep:pd.DataFrame) -> pd.DataFrame:
     return rep.drop_duplicates(['method', 'dataset', 'cls', 'metric'])[['method', 'dataset', 'cls', 'metric', 'value', 'source']]
 
 # %% ../nbs/30_replicate.ipynb #7b6cceb7
+def _labels(v) -> str:
+    "How a method uses the ground-truth class: no / yes (training and test) / at training only."
+    return {False: 'no', True: 'yes (training and test)', 'train': 'at training only', 'train+test': 'yes (training and test)'}.get(v, str(v))
+
 def _fmt(v): return '' if v is None or pd.isna(v) else f'{100*v:.1f}'
 
 def _markdown_block(g:pd.DataFrame) -> str:
     r = g.iloc[0]
     label = 'faithful (authors\' backbone, size and schedule)' if r['faithful'] else 'REDUCED (not the authors\' configuration)'
+    if r.get('degenerate', False): label = ('**DEGENERATE — not a result** (equal image scores or flat maps; see metrics.json '
+                                            '`degenerate_detail`); ' + label)
     head = (f"### {r['method']} — run `{r['run_id']}`\n\n{label}: backbone `{r['backbone']}` (weights: {r['weights']}), "
             f"{r['image_size']} px, {r['epochs']} epochs, variant `{r['variant']}`, seed {r['seed']}, "
-            f"class labels used: {'yes' if r['needs_labels'] else 'no'}. "
+            f"class labels used: {_labels(r['needs_labels'])}. "
             f"*last* = epoch {int(r['last_epoch'])+1}; *best* = epoch {int(r['best_epoch'])+1}, selected on the test set "
             f"as the authors do. Values ×100; Δ = last − reported.\n")
     classes = [c for c in dict.fromkeys(g['cls']) if c != 'mean'] + ['mean']
@@ -354,7 +509,9 @@ def main(argv=None):
     ap.add_argument('-p', '--param', action='append', default=[], metavar='NAME=VALUE', help='notebook parameter')
     ap.add_argument('--results', help='results folder (default: <project>/results)')
     ap.add_argument('--kernel', default='python3')
-    ap.add_argument('--force', action='store_true', help='re-run finished runs')
+    ap.add_argument('--force', action='store_true', help='re-run finished runs in place')
+    ap.add_argument('--verify', action='store_true',
+                    help='re-run finished runs into <results>/_scratch/verify and compare with the committed numbers')
     ap.add_argument('--collect', action='store_true', help='only collect the tables')
     a = ap.parse_args(argv)
     if a.collect:
@@ -366,8 +523,11 @@ def main(argv=None):
         cfg = dict(runs=[dict(notebook=a.notebook, dataset=a.dataset or Path(a.notebook).stem, methods=a.method or ['vqflow'],
                               seeds=a.seed or [9826], parameters=params)])
     else: ap.error('give --config, --notebook or --collect')
-    df = replicate(cfg, results=a.results, kernel=a.kernel, force=a.force)
-    print(df[['dataset', 'method', 'run_id', 'status', 'seconds']].to_string(index=False))
-    failed = df['status'].str.startswith('failed').sum()
-    print(f'{len(df) - failed} runs ok or skipped, {failed} failed (see results/failures.csv)')
+    df = replicate(cfg, results=a.results, kernel=a.kernel, force=a.force, verify=a.verify)
+    cols = ['dataset', 'method', 'run_id', 'status', 'seconds'] + (['reproduced'] if 'reproduced' in df else [])
+    print(df[cols].to_string(index=False))
+    failed, degen = (df['status'] == 'failed').sum(), (df['status'] == 'degenerate').sum()
+    print(f'{len(df) - failed - degen} runs ok or skipped, {degen} degenerate, {failed} failed (see results/failures.csv)')
+    if 'reproduced' in df:
+        for _, r in df[df['reproduced'].notna()].iterrows(): print(f"reproduction of {r['method']}/{r['run_id']}: {r['reproduced']}")
     return 1 if failed else 0

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_train.ipynb #c25a4b35
 from __future__ import annotations
-import copy, json, math, os, random, time
+import copy, json, math, os, random, time, warnings
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -19,15 +19,17 @@ from tqdm.auto import tqdm
 from .core import exists, default, get_device, seed_everything, hash_dict, record, cpu_memory_mode
 
 # %% auto #0
-__all__ = ['METRICS', 'Scores', 'Schedule', 'make_optimizer', 'collect_scores', 'metric_table', 'evaluate', 'save_checkpoint',
-           'FitResult', 'fit']
+__all__ = ['METRICS', 'Scores', 'Schedule', 'make_optimizer', 'set_lr', 'collect_scores', 'degenerate_checks', 'metric_table',
+           'evaluate', 'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'run_spec', 'DegenerateWarning',
+           'fit']
 
 # %% ../nbs/20_train.ipynb #1522f110
 class Scores(NamedTuple):
-    "What `method.score` returns: image scores `(B,)`, the pixel map `(B,H,W)`, and optionally the map for AU-PRO."
+    "What `method.score` returns: image scores `(B,)`, the pixel map `(B,H,W)`, optionally the AU-PRO map and raw parts."
     image: torch.Tensor
     pixel: torch.Tensor
     pro: torch.Tensor|None = None
+    parts: dict|None = None # per-image tensors (batch first) that the method's `finalize_scores` turns into scores per class
 
 # %% ../nbs/20_train.ipynb #7be2170c
 @dataclass
@@ -61,7 +63,7 @@ class Schedule:
         return f
 
 # %% ../nbs/20_train.ipynb #5dcd5baa
-def make_optimizer(params, # parameters to optimise
+def make_optimizer(params, # parameters, or param-group dicts (a group may carry `lr_scale`)
                    sch:Schedule, # the run's schedule
                   ) -> torch.optim.Optimizer:
     "Adam/AdamW for `sch`, fused where torch supports it on the parameters' device."
@@ -70,6 +72,10 @@ def make_optimizer(params, # parameters to optimise
     params = list(params)
     try: return Opt(params, fused=True, **kw)
     except (RuntimeError, ValueError): return Opt(params, foreach=False, **kw)
+
+def set_lr(opt:torch.optim.Optimizer, sch:Schedule, factor:float):
+    "Every group's lr = schedule lr x `factor` x the group's `lr_scale` (1 by default)."
+    for g in opt.param_groups: g['lr'] = sch.lr * factor * g.get('lr_scale', 1.0)
 
 # %% ../nbs/20_train.ipynb #3e9bbe08
 def _to_device(x, device):
@@ -82,45 +88,78 @@ def _loader(store, batch_size, shuffle=False, drop_last=False, generator=None, n
     return DataLoader(store, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator,
                       num_workers=num_workers)
 
+def _append(d:dict, s:Scores, batch:dict, i:int):
+    "Append test item `i` of a scored batch to its class's lists."
+    d['labels'].append(int(batch['label'][i])); d['scores'].append(float(s.image[i]))
+    d['masks'].append(batch['mask'][i, 0].to(torch.uint8).cpu().numpy()); d['maps'].append(s.pixel[i].float().cpu().numpy())
+    d['pro_maps'].append(None if s.pro is None else s.pro[i].float().cpu().numpy())
+    d['has_mask'].append(bool(batch['has_mask'][i]))
+    for k, v in (s.parts or {}).items(): d['parts'].setdefault(k, []).append(v[i].float().cpu().numpy())
+
+def _stack(d:dict) -> dict:
+    "Per-class lists -> arrays."
+    d['labels'], d['scores'] = np.array(d['labels']), np.array(d['scores'], dtype=np.float64)
+    d['masks'], d['maps'] = np.stack(d['masks']), np.stack(d['maps'])
+    d['pro_maps'] = None if d['pro_maps'][0] is None else np.stack(d['pro_maps'])
+    d['has_mask'] = bool(np.all(d['has_mask']))
+    d['parts'] = {k: np.stack(v) for k, v in d['parts'].items()}
+    return d
+
+# %% ../nbs/20_train.ipynb #5f13787a
 @torch.no_grad()
 def collect_scores(method:nn.Module, # a method meeting the interface above
                    store, # test FeatureStore: items are dicts with feats, label, cls_index, mask, has_mask
                    batch_size:int=8, device=None, progress:bool=True) -> dict:
-    "Score every test item; return per-class arrays `{cls_index: dict(labels, scores, masks, maps, pro_maps, has_mask)}`."
+    "Score every test item; per-class arrays `{cls_index: dict(labels, scores, masks, maps, pro_maps, has_mask, parts)}`."
     device = get_device(device); method.eval().to(device)
     out = {}
     for batch in tqdm(_loader(store, batch_size), desc='scoring', leave=False, disable=not progress):
         batch = _to_device(batch, device)
-        mask = batch['mask']
-        s = method.score(batch['feats'], batch, out_size=tuple(mask.shape[-2:]))
-        pro = s.pro if exists(s.pro) else s.pixel
+        s = method.score(batch['feats'], batch, out_size=tuple(batch['mask'].shape[-2:]))
         for i, c in enumerate(batch['cls_index'].tolist()):
-            d = out.setdefault(c, dict(labels=[], scores=[], masks=[], maps=[], pro_maps=[], has_mask=[]))
-            d['labels'].append(int(batch['label'][i])); d['scores'].append(float(s.image[i]))
-            d['masks'].append(mask[i, 0].to(torch.uint8).cpu().numpy()); d['maps'].append(s.pixel[i].float().cpu().numpy())
-            d['pro_maps'].append(None if s.pro is None else pro[i].float().cpu().numpy())
-            d['has_mask'].append(bool(batch['has_mask'][i]))
+            _append(out.setdefault(c, dict(labels=[], scores=[], masks=[], maps=[], pro_maps=[], has_mask=[], parts={})),
+                    s, batch, i)
     for d in out.values():
-        d['labels'], d['scores'] = np.array(d['labels']), np.array(d['scores'], dtype=np.float64)
-        d['masks'], d['maps'] = np.stack(d['masks']), np.stack(d['maps'])
-        d['pro_maps'] = None if d['pro_maps'][0] is None else np.stack(d['pro_maps'])
-        d['has_mask'] = bool(np.all(d['has_mask']))
+        _stack(d)
+        if hasattr(method, 'finalize_scores'): method.finalize_scores(d)   # class-wide normalisation (HGAD)
     return out
 
-# %% ../nbs/20_train.ipynb #c13ba7ca
+# %% ../nbs/20_train.ipynb #dd2294cf
+def degenerate_checks(per_class:dict, # output of `collect_scores`
+                      class_names:list, # names indexed by cls_index
+                      rtol:float=1e-9, # a spread below rtol x the largest magnitude counts as "equal"
+                     ) -> dict:
+    "Per class, why its scores cannot be read as a result (all image scores equal, flat maps, non-finite values); {} if none."
+    flat = lambda a, axis=None: np.ptp(a, axis=axis) <= rtol * np.maximum(np.abs(a).max(axis=axis), 1e-30)
+    out = {}
+    for c, d in sorted(per_class.items()):
+        why, s, maps = [], d['scores'], d['maps'].reshape(len(d['maps']), -1)
+        if not np.isfinite(s).all() or not np.isfinite(maps).all(): why.append('non-finite scores or maps')
+        elif flat(s): why.append(f'all {len(s)} image scores are equal ({s[0]:.6g})')
+        if np.isfinite(maps).all():
+            k = int(flat(maps, 1).sum())
+            if k > len(maps) / 2: why.append(f'{k} of {len(maps)} anomaly maps are flat (constant over the image)')
+            elif flat(maps): why.append('the anomaly maps are identical constants')
+        if why: out[class_names[c]] = why
+    return out
+
+# %% ../nbs/20_train.ipynb #75ef2c33
 METRICS = ('i_auroc', 'i_ap', 'i_f1max', 'p_auroc', 'p_ap', 'p_f1max', 'aupro')
 
 def metric_table(per_class:dict, # output of `collect_scores`
                  class_names:list, # names indexed by cls_index
                  aupro_variant:str='exact', # 'exact' (MVTec definition) or 'approx' (the papers' 800 thresholds)
                 ) -> pd.DataFrame:
-    "Per-class metric rows (index = class names) plus a `mean` row over classes (`vqflow_nb.metrics.evaluate_classes`)."
+    "Per-class metric rows (index = class names) plus a `mean` row; `attrs['degenerate']` names degenerate classes."
     from vqflow_nb.metrics import evaluate_classes
+    degen = degenerate_checks(per_class, class_names)      # first: the metric functions refuse non-finite maps
     pixel = lambda d: d['has_mask'] and d['masks'].any()   # image-level-only classes: pixel metrics None, never invented
     t = evaluate_classes({class_names[c]: dict(labels=d['labels'], scores=d['scores'],
                                                **(dict(masks=d['masks'], maps=d['maps'], pro_maps=d['pro_maps']) if pixel(d) else {}))
                           for c, d in sorted(per_class.items())}, aupro_variant=aupro_variant)
-    return t[list(METRICS)].astype(float)
+    t = t[list(METRICS)].astype(float)
+    t.attrs['degenerate'] = degen
+    return t
 
 def evaluate(method, store, class_names=None, batch_size:int=8, device=None, aupro_variant:str='exact',
              progress:bool=True) -> pd.DataFrame:
@@ -138,19 +177,42 @@ def _set_rng_state(s):
     if s.get('cuda') is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
 def save_checkpoint(path, **state):
-    "Write `state` to `path` atomically."
+    "Write `state` to `path` atomically (a run killed while writing leaves the previous checkpoint intact)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix('.tmp'); torch.save(state, tmp); os.replace(tmp, path)
+
+def load_checkpoint(path, device='cpu') -> dict:
+    "Read a checkpoint written by `save_checkpoint`; an empty or corrupt file is an error that names it."
+    path = Path(path)
+    if path.stat().st_size == 0: raise ValueError(f"checkpoint {path} is empty (0 bytes): delete it to start afresh")
+    try: return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e: raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start afresh") from e
+
+# %% ../nbs/20_train.ipynb #ebf3d0eb
+class ImageStore(torch.utils.data.Dataset):
+    "An `AnomalyDataset` seen as a feature store whose one 'feature' is the image: `store[i]['feats'] == [image]`."
+    def __init__(self, ds, # an `AnomalyDataset` (or anything with `records`, `class_index`, `classes` and Samples)
+                ):
+        self.ds, self.classes, self.class_index = ds, list(ds.classes), dict(ds.class_index)
+        self.labels = np.array([r.label for r in ds.records])
+        self.cls_index = np.array([ds.class_index[r.cls_name] for r in ds.records])
+        self.key = getattr(ds, 'key', None)
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i:int) -> dict:
+        s = self.ds[i]
+        return dict(feats=[s.image], label=int(s.label), cls_index=int(s.cls_index), mask=s.mask, has_mask=bool(s.has_mask),
+                    index=i)
 
 # %% ../nbs/20_train.ipynb #aafafb52
 @dataclass
 class FitResult:
-    "What a run produced: per-epoch losses, every evaluation, and the last and best tables."
+    "What a run produced: per-epoch losses, every evaluation, the last and best tables, and any degenerate evaluation."
     history:list # one dict per epoch: epoch, loss parts, lr, seconds
     evals:dict # epoch -> metric table (DataFrame)
     last_epoch:int|None = None
     best_epoch:int|None = None
     schedule:Schedule|None = None
+    degenerate:dict = field(default_factory=dict) # epoch -> {class: [reasons]} (see `degenerate_checks`)
 
     @property
     def last(self) -> pd.DataFrame|None: return self.evals.get(self.last_epoch)
@@ -169,10 +231,70 @@ def _selection_score(t:pd.DataFrame) -> float:
     "Best-epoch criterion: mean image AUROC plus mean pixel AUROC (pixel term dropped when there are no masks)."
     return float(np.nansum([t.loc['mean', 'i_auroc'], t.loc['mean', 'p_auroc']]))
 
-# %% ../nbs/20_train.ipynb #061b8f2a
+# %% ../nbs/20_train.ipynb #91967826
+def run_spec(method:nn.Module, sch:Schedule, seed:int, train_store, test_store=None) -> dict:
+    "What identifies a training run (see above): a JSON-able dict."
+    cfg = getattr(method, 'cfg', None)
+    return dict(method=type(method).__name__, config=asdict(cfg) if cfg is not None and hasattr(cfg, '__dataclass_fields__') else None,
+                schedule=asdict(sch), seed=seed, train_data=getattr(train_store, 'key', None),
+                test_data=getattr(test_store, 'key', None) if exists(test_store) else None)
+
+def _check_spec(ckpt:Path, stored:dict|None, spec:dict):
+    "Refuse a checkpoint of another run, naming the parts that differ."
+    if stored is None: raise ValueError(f"{ckpt} has no run identity (written by an older version); delete it to start afresh")
+    if hash_dict(stored) != hash_dict(spec):
+        diff = [k for k in spec if hash_dict(dict(v=stored.get(k))) != hash_dict(dict(v=spec[k]))]
+        raise ValueError(f"{ckpt} belongs to a run with other settings (differs in: {', '.join(diff)}); "
+                         f"delete it or pass resume=False")
+
+# %% ../nbs/20_train.ipynb #5b393ef9
+def _step(method:nn.Module, batch:dict, opt, sch:Schedule, params:list) -> dict:
+    "One optimisation step: the method's own `training_step`, else loss, backward, clipping, step."
+    if hasattr(method, 'training_step'): return method.training_step(batch['feats'], batch, opt, sch)
+    parts = method.loss(batch['feats'], batch)
+    opt.zero_grad(set_to_none=True); parts['loss'].backward()
+    if sch.clip_grad: torch.nn.utils.clip_grad_norm_(params, sch.clip_grad)
+    opt.step()
+    return parts
+
+def _train_epoch(method, store, opt, sch:Schedule, params:list, epoch:int, seed:int, device, bar=None,
+                 progress:bool=True) -> dict:
+    "One pass over the training set (shuffled by a generator of (seed, epoch), so a resumed run sees the same order)."
+    method.train(); t0, sums, n = time.time(), {}, 0
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    dl = _loader(store, sch.batch_size, shuffle=True, drop_last=sch.drop_last, generator=gen)
+    if len(dl) == 0: raise ValueError(f'{len(store)} training items < batch_size {sch.batch_size} with drop_last')
+    per_iter = getattr(method, 'lr_factor', None)
+    if per_iter is None: set_lr(opt, sch, sch.lr_factor(epoch))
+    for i, batch in enumerate(tqdm(dl, desc=f'epoch {epoch+1}', leave=False, disable=not progress)):
+        if per_iter is not None: set_lr(opt, sch, per_iter(epoch, i, len(dl)))
+        parts = _step(method, _to_device(batch, device), opt, sch, params)
+        if not torch.isfinite(parts['loss']): raise FloatingPointError(f'non-finite loss at epoch {epoch}: {parts}')
+        for k, v in parts.items(): sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        n += 1
+        if bar is not None: bar.set_postfix(loss=f"{sums['loss']/n:.4g}")
+    if hasattr(method, 'on_epoch_end'): method.on_epoch_end(epoch)
+    return dict(epoch=epoch, lr=opt.param_groups[0]['lr'], seconds=time.time() - t0, **{k: v / n for k, v in sums.items()})
+
+# %% ../nbs/20_train.ipynb #feb4c269
+class DegenerateWarning(UserWarning):
+    "Scores that cannot be read as a result (see `degenerate_checks`)."
+
+def _record_eval(res:FitResult, t:pd.DataFrame, epoch:int, progress:bool):
+    "Keep an evaluation, update last/best, and shout about degenerate classes."
+    res.evals[epoch], res.last_epoch = t, epoch
+    if res.best_epoch is None or _selection_score(t) > _selection_score(res.evals[res.best_epoch]): res.best_epoch = epoch
+    if t.attrs.get('degenerate'):
+        res.degenerate[epoch] = t.attrs['degenerate']
+        warnings.warn(f"DEGENERATE evaluation at epoch {epoch+1}: {t.attrs['degenerate']} — these numbers are not a result",
+                      DegenerateWarning, stacklevel=3)
+    if progress: print(f"epoch {epoch+1}: " + ', '.join(f'{k}={t.loc["mean", k]:.3f}' for k in METRICS
+                                                       if not pd.isna(t.loc['mean', k])))
+
+# %% ../nbs/20_train.ipynb #f85c5267
 def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
-        train_store, # training FeatureStore (dict items with 'feats')
-        test_store=None, # test FeatureStore; None = no evaluation
+        train_store, # training FeatureStore (dict items with 'feats'), or an `ImageStore`
+        test_store=None, # test store; None = no evaluation
         schedule:Schedule|None=None, # full override of the method's schedule
         out_dir:str|Path|None=None, # checkpoints go to out_dir/checkpoints (None: no checkpoints)
         seed:int=0, device=None, resume:bool=True, # resume from out_dir/checkpoints/last.pt when it exists
@@ -184,54 +306,26 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
     sch = replace(default(schedule, lambda: method.schedule()), **overrides)
     device = get_device(device); seed_everything(seed); method.to(device)
     if device.type == 'cpu': cpu_memory_mode()   # lower peak resident memory (see 00_core)
-    params = [p for p in method.parameters() if p.requires_grad]
-    opt = make_optimizer(params, sch)
-    res = FitResult(history=[], evals={}, schedule=sch)
+    groups = method.param_groups(sch) if hasattr(method, 'param_groups') else [dict(params=[p for p in method.parameters() if p.requires_grad])]
+    opt = make_optimizer(groups, sch); params = [p for g in opt.param_groups for p in g['params']]
+    res, spec, start = FitResult(history=[], evals={}, schedule=sch), run_spec(method, sch, seed, train_store, test_store), 0
     ckpt = Path(out_dir)/'checkpoints'/'last.pt' if exists(out_dir) else None
-    run_key = hash_dict(dict(schedule=asdict(sch), seed=seed, method=type(method).__name__))
-    start = 0
     if exists(ckpt) and ckpt.exists() and resume:
-        st = torch.load(ckpt, map_location=device, weights_only=False)
-        if st['run_key'] != run_key:
-            raise ValueError(f"{ckpt} belongs to a run with other settings; delete it or pass resume=False")
+        st = load_checkpoint(ckpt, device); _check_spec(ckpt, st.get('run_spec'), spec)
         method.load_state_dict(st['model']); opt.load_state_dict(st['optimizer']); _set_rng_state(st['rng'])
         res.history, res.evals, start = st['history'], st['evals'], st['epoch'] + 1
-        res.last_epoch, res.best_epoch = st['last_epoch'], st['best_epoch']
+        res.last_epoch, res.best_epoch, res.degenerate = st['last_epoch'], st['best_epoch'], st.get('degenerate', {})
         if progress: print(f'resumed from {ckpt} after epoch {start}')
     names = default(class_names, lambda: getattr(test_store, 'classes', None))
     stop = sch.epochs if max_epochs is None else min(sch.epochs, start + max_epochs)
     bar = tqdm(range(start, stop), desc=type(method).__name__, disable=not progress, initial=start, total=sch.epochs)
     for epoch in bar:
-        for g in opt.param_groups: g['lr'] = sch.lr * sch.lr_factor(epoch)
-        method.train(); t0, sums, n = time.time(), {}, 0
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        dl = _loader(train_store, sch.batch_size, shuffle=True, drop_last=sch.drop_last, generator=gen)
-        if len(dl) == 0: raise ValueError(f'{len(train_store)} training items < batch_size {sch.batch_size} with drop_last')
-        for batch in tqdm(dl, desc=f'epoch {epoch+1}', leave=False, disable=not progress):
-            batch = _to_device(batch, device)
-            if hasattr(method, 'training_step'): parts = method.training_step(batch['feats'], batch, opt, sch)
-            else:
-                parts = method.loss(batch['feats'], batch)
-                opt.zero_grad(set_to_none=True); parts['loss'].backward()
-                if sch.clip_grad: torch.nn.utils.clip_grad_norm_(params, sch.clip_grad)
-                opt.step()
-            if not torch.isfinite(parts['loss']): raise FloatingPointError(f'non-finite loss at epoch {epoch}: {parts}')
-            for k, v in parts.items(): sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            n += 1
-            bar.set_postfix(loss=f"{sums['loss']/n:.4g}")
-        if hasattr(method, 'on_epoch_end'): method.on_epoch_end(epoch)
-        res.history.append(dict(epoch=epoch, lr=opt.param_groups[0]['lr'], seconds=time.time() - t0,
-                                **{k: v / n for k, v in sums.items()}))
+        res.history.append(_train_epoch(method, train_store, opt, sch, params, epoch, seed, device, bar, progress))
         if exists(test_store) and ((epoch + 1) % sch.eval_every == 0 or epoch + 1 == sch.epochs):
-            t = evaluate(method, test_store, names, eval_batch_size, device, aupro_variant, progress)
-            res.evals[epoch], res.last_epoch = t, epoch
-            if res.best_epoch is None or _selection_score(t) > _selection_score(res.evals[res.best_epoch]):
-                res.best_epoch = epoch
-            if progress: print(f"epoch {epoch+1}: " + ', '.join(f'{k}={t.loc["mean", k]:.3f}' for k in METRICS
-                                                               if not pd.isna(t.loc['mean', k])))
+            _record_eval(res, evaluate(method, test_store, names, eval_batch_size, device, aupro_variant, progress), epoch, progress)
         if exists(ckpt):
             save_checkpoint(ckpt, model=method.state_dict(), optimizer=opt.state_dict(), rng=_rng_state(), epoch=epoch,
                             history=res.history, evals=res.evals, last_epoch=res.last_epoch, best_epoch=res.best_epoch,
-                            run_key=run_key)
+                            degenerate=res.degenerate, run_spec=spec)
     bar.close()
     return res
