@@ -85,11 +85,14 @@ def test_prior_paper_loglik_is_gaussian_and_code_has_no_logdet():
     assert torch.equal(code(zs, p)[1], torch.zeros(2, dtype=torch.float64))
 
 
-def test_mixture_matches_mixture_same_family():
+@pytest.mark.parametrize('pi', [[0.5, 0.3, 0.2], None], ids=['weighted', 'uniform'])
+def test_mixture_matches_mixture_same_family(pi):
+    "In float64 the mixture density equals torch.distributions' to rounding (measured 3.6e-15)."
     torch.manual_seed(1)
-    prior = MixedGaussianPrior(4, [2], variant='paper')
-    protos, pi = torch.randn(3, 4), torch.tensor([0.5, 0.3, 0.2])
-    z = torch.randn(6, 2, 1, 1)
+    prior = MixedGaussianPrior(4, [2], variant='paper').double()
+    protos, z = torch.randn(3, 4, dtype=torch.float64), torch.randn(6, 2, 1, 1, dtype=torch.float64)
+    w = torch.full((3,), 1 / 3, dtype=torch.float64) if pi is None else torch.tensor(pi, dtype=torch.float64)
     (mu, s), = prior.params(protos)
-    mix = MixtureSameFamily(Categorical(pi), Independent(Normal(mu, s), 1))
-    assert torch.allclose(mixture_log_prob(prior, [z], protos, pi), mix.log_prob(z[:, :, 0, 0]), atol=1e-5)
+    mix = MixtureSameFamily(Categorical(w), Independent(Normal(mu, s), 1))
+    ours = mixture_log_prob(prior, [z], protos, None if pi is None else w)
+    assert (ours - mix.log_prob(z[:, :, 0, 0])).abs().max() < 1e-14

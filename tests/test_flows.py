@@ -1,5 +1,6 @@
 "Fast tests of the installed vqflow_nb.flows: inverse, autograd log-det, freia 0.2 equivalence, sizes."
 import math
+import os
 
 import numpy as np
 import pytest
@@ -38,25 +39,49 @@ def test_positional_encoding():
         positional_encoding_2d(6, 2, 2)
 
 
+# float64 precision the notebook states (04_flows): inverse to ~1e-15, log-det vs autograd to ~1e-12 at worst
+INV_EPS, LOGDET_EPS = 1e-13, 1e-11
+
+
 @pytest.mark.parametrize("kind", ["map", "vec"])
-@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("soft", ["hard", "soft_f32", "soft_orthogonal"])
 def test_block_inverse_and_logdet(kind, soft):
     torch.manual_seed(0)
     if kind == "map":
-        blk = AllInOneBlock(5, 2, subnet_conv_ln, affine_clamping=1.9, permute_soft=soft, seed=0)
+        blk = AllInOneBlock(5, 2, subnet_conv_ln, affine_clamping=1.9, permute_soft=soft != "hard", seed=0)
         x, c = torch.randn(2, 5, 3, 2), torch.randn(2, 2, 3, 2)
     else:
-        blk = AllInOneBlock(5, 3, subnet_fc, affine_clamping=1.9, permute_soft=soft, seed=0)
+        blk = AllInOneBlock(5, 3, subnet_fc, affine_clamping=1.9, permute_soft=soft != "hard", seed=0)
         x, c = torch.randn(4, 5), torch.randn(4, 3)
     blk = _randomize(blk).double(); x, c = x.double(), c.double()
+    if soft == "soft_orthogonal":  # an orthogonal W to float64 precision: the block's maths is then exact
+        q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+        if torch.linalg.det(q) < 0: q[:, 0] = -q[:, 0]
+        blk.w_perm.copy_(q); blk.w_perm_inv.copy_(q.T)
     z, ld = blk(x, c)
     xr, ldr = blk(z, c, rev=True)
     assert ld.shape == (x.shape[0],)
-    eps = 1e-6 if soft else 1e-10  # soft W is float32-rounded, like freia's
-    assert (xr - x).abs().max() < eps and (ld + ldr).abs().max() < eps
-    for i in range(x.shape[0]):
-        ref = _logdet(lambda xi: blk(xi, c[i:i + 1])[0], x[i])
-        assert abs(ref - ld[i]) < eps
+    ref = torch.stack([_logdet(lambda xi: blk(xi, c[i:i + 1])[0], x[i]) for i in range(x.shape[0])])
+    if soft == "soft_f32":
+        # freia stores W = round_f32(Q) and uses W^T as inverse and log|det W| = 0: both hold to ~1e-7 only. The whole
+        # log-det gap is n_pix * log|det W| (the rest is below LOGDET_EPS); the inverse error is W^T W - I's (measured 1.6e-7)
+        n_pix = math.prod(x.shape[2:])
+        assert (ref - ld - n_pix * torch.linalg.slogdet(blk.w_perm)[1]).abs().max() < LOGDET_EPS
+        assert (xr - x).abs().max() < 1e-6 and (ld + ldr).abs().max() < 1e-6
+    else:
+        assert (xr - x).abs().max() < INV_EPS and (ld + ldr).abs().max() < INV_EPS
+        assert (ref - ld).abs().max() < LOGDET_EPS
+
+
+def test_sequence_inverse_and_logdet_float64():
+    torch.manual_seed(0)
+    flow = _randomize(conditional_flow(4, 3, 3, "conv_ln", seed=0)).double()
+    x, c = torch.randn(2, 4, 3, 2, dtype=torch.float64), torch.randn(2, 3, 3, 2, dtype=torch.float64)
+    z, ld = flow(x, c)
+    xr, ldr = flow(z, c, rev=True)
+    assert (xr - x).abs().max() < INV_EPS and (ld + ldr).abs().max() < INV_EPS
+    ref = torch.stack([_logdet(lambda xi: flow(xi, c[i:i + 1])[0], x[i]) for i in range(2)])
+    assert (ref - ld).abs().max() < LOGDET_EPS
 
 
 def test_sequence_and_float32_inverse():
@@ -68,44 +93,105 @@ def test_sequence_and_float32_inverse():
     assert isinstance(flow, SequenceFlow) and len(flow.blocks) == 3
 
 
-def test_fusion_inverse_and_logdet():
-    fc = _randomize(FusionCoupling([4, 6, 2], cond_channels=3, clamp=1.9, seed=0)).double()
-    xs = [torch.randn(1, 4, 4, 4), torch.randn(1, 6, 2, 2), torch.randn(1, 2, 1, 1)]
-    xs = [x.double() for x in xs]; c = torch.randn(1, 3, 1, 1, dtype=torch.float64)
+@pytest.mark.parametrize("channels,cond,sizes", [([4, 6, 2], 3, [4, 2, 1]), ([7, 9], 0, [(4, 3), 2])])
+def test_fusion_inverse_and_logdet(channels, cond, sizes):
+    torch.manual_seed(0)
+    fc = _randomize(FusionCoupling(channels, cond_channels=cond, clamp=1.9, seed=0)).double()
+    sizes = [s if isinstance(s, tuple) else (s, s) for s in sizes]
+    xs = [torch.randn(2, ch, *hw, dtype=torch.float64) for ch, hw in zip(channels, sizes)]
+    c = torch.randn(2, cond, *sizes[-1], dtype=torch.float64) if cond else None
     zs, ld = fc(xs, c)
     xr, ldr = fc(zs, c, rev=True)
-    assert max((a - b).abs().max() for a, b in zip(xr, xs)) < 1e-10 and (ld + ldr).abs().max() < 1e-10
-    shapes = [x.shape[1:] for x in xs]; sizes = [math.prod(s) for s in shapes]
+    assert max((a - b).abs().max() for a, b in zip(xr, xs)) < INV_EPS and (ld + ldr).abs().max() < INV_EPS
+    shapes = [x.shape[1:] for x in xs]; n = [math.prod(s) for s in shapes]
+    for i in range(2):
+        ci = None if c is None else c[i:i + 1]
+        def f(flat):
+            parts = [p.reshape(1, *s) for p, s in zip(torch.split(flat[0], n), shapes)]
+            return torch.cat([z.reshape(1, -1) for z in fc(parts, ci)[0]], 1)
+        flat = torch.cat([x[i].reshape(-1) for x in xs])
+        assert abs(_logdet(f, flat) - ld[i]) < LOGDET_EPS
 
-    def f(flat):
-        parts = [p.reshape(1, *s) for p, s in zip(torch.split(flat[0], sizes), shapes)]
-        return torch.cat([z.reshape(1, -1) for z in fc(parts, c)[0]], 1)
-    flat = torch.cat([x.reshape(1, -1) for x in xs], 1)[0]
-    assert abs(_logdet(f, flat) - ld[0]) < 1e-8
+
+def _freia():
+    "Import freia 0.2 (dev requirement); a missing oracle fails under CI / IN_TEST instead of skipping silently."
+    try:
+        import FrEIA.framework as Ff, FrEIA.modules as Fm
+    except ImportError as e:
+        if os.environ.get("CI") or os.environ.get("IN_TEST"):
+            pytest.fail(f"freia==0.2 (a dev requirement) is not importable under CI/IN_TEST: {e}")
+        pytest.skip("freia==0.2 not installed: the FrEIA equivalence tests did not run")
+    return Ff, Fm
 
 
-def test_matches_freia_0_2():
-    Fm = pytest.importorskip("FrEIA.modules")
-    torch.manual_seed(0)
+def _same(ours, theirs):
+    "Bit-identity of (output, log-det) pairs; on failure report the largest difference."
+    for a, b in zip(ours, theirs):
+        same = a.dtype == b.dtype and torch.equal(a, b)
+        assert same, f"not bit-identical: max |ours - freia| = {(a - b).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("kind", ["map", "vec", "seq1d"])
+def test_matches_freia_0_2_bitwise(kind, soft, dtype):
+    "Forward and reverse outputs and log-dets equal freia 0.2's to the last bit (conv maps, 1-D sequences, vectors)."
+    _, Fm = _freia()
+    shape, sub = {"map": ((6, 4, 3), subnet_conv_ln), "vec": ((7,), subnet_fc),
+                  "seq1d": ((6, 5), lambda ci, co: torch.nn.Conv1d(ci, co, 3, padding=1))}[kind]
+    C, cshape = shape[0], (3,) + shape[1:]
     np.random.seed(5)
-    theirs = Fm.AllInOneBlock([(6, 4, 3)], dims_c=[(2, 4, 3)], subnet_constructor=subnet_conv_ln, affine_clamping=1.9)
+    theirs = Fm.AllInOneBlock([shape], dims_c=[cshape], subnet_constructor=sub, affine_clamping=1.9, permute_soft=soft)
     np.random.seed(5)
-    ours = AllInOneBlock(6, 2, subnet_conv_ln, affine_clamping=1.9)
-    assert torch.equal(ours.perm_matrix(), theirs.w_perm.reshape(6, 6))
+    ours = AllInOneBlock(C, 3, sub, affine_clamping=1.9, permute_soft=soft)
+    assert torch.equal(ours.perm_matrix(), theirs.w_perm.reshape(C, C))  # same draw from numpy's global RNG
     _randomize(theirs)
+    with torch.no_grad(): theirs.global_scale.normal_(generator=torch.Generator().manual_seed(1))
     ours.load_freia_state_dict(theirs.state_dict())
-    x, c = torch.randn(3, 6, 4, 3), torch.randn(3, 2, 4, 3)
+    theirs, ours = theirs.to(dtype), ours.to(dtype)
+    g = torch.Generator().manual_seed(2)
+    x, c = torch.randn(5, *shape, generator=g, dtype=dtype), torch.randn(5, *cshape, generator=g, dtype=dtype)
     (y_f,), ld_f = theirs((x,), c=[c])
     y, ld = ours(x, c)
-    assert (y - y_f).abs().max() < 1e-6 and (ld - ld_f).abs().max() < 1e-5
-    theirs = Fm.AllInOneBlock([(7,)], dims_c=[(3,)], subnet_constructor=subnet_fc, affine_clamping=1.9, permute_soft=True)
-    ours = AllInOneBlock(7, 3, subnet_fc, affine_clamping=1.9, permute_soft=True, seed=0)
+    _same((y, ld), (y_f, ld_f))
+    (x_f,), ldr_f = theirs((y,), c=[c], rev=True)
+    _same(ours(y, c, rev=True), (x_f, ldr_f))
+    # the check is sharp: a coupling off by one part in 3e-7 is caught
+    with torch.no_grad():
+        for p in ours.subnet.parameters(): p.mul_(1 + 3e-7)
+    assert not torch.equal(ours(x, c)[0], y_f)
+
+
+def test_sequence_matches_freia_sequence_inn_bitwise():
+    Ff, Fm = _freia()
+    torch.manual_seed(1)
+    theirs = Ff.SequenceINN(4, 1, 1)
+    for _ in range(3):
+        theirs.append(Fm.AllInOneBlock, cond=0, cond_shape=(2, 1, 1), subnet_constructor=subnet_conv_ln,
+                      affine_clamping=1.9, global_affine_type="SOFTPLUS")
     _randomize(theirs)
-    ours.load_freia_state_dict(theirs.state_dict())
-    x, c = torch.randn(10, 7), torch.randn(10, 3)
-    (y_f,), ld_f = theirs((x,), c=[c])
-    y, ld = ours(x, c)
-    assert (y - y_f).abs().max() < 1e-6 and (ld - ld_f).abs().max() < 1e-5
+    ours = conditional_flow(4, 2, 3, "conv_ln", seed=0)
+    for o, t in zip(ours.blocks, theirs.module_list): o.load_freia_state_dict(t.state_dict())
+    x, c = torch.randn(2, 4, 6, 5), torch.randn(2, 2, 6, 5)
+    z, ld = ours(x, c)
+    _same((z, ld), theirs(x, c=[c]))
+    _same(ours(z, c, rev=True), theirs(z, c=[c], rev=True))
+
+
+def test_freia_missing_fails_under_ci(monkeypatch):
+    "Without freia the equivalence tests must fail (not skip) when CI or IN_TEST is set, and skip otherwise."
+    import builtins
+    real_import = builtins.__import__
+    def no_freia(name, *a, **k):
+        if name.startswith("FrEIA"): raise ImportError("No module named 'FrEIA'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_freia)
+    for var in ("CI", "IN_TEST"): monkeypatch.delenv(var, raising=False)
+    with pytest.raises(pytest.skip.Exception): _freia()
+    for var in ("CI", "IN_TEST"):
+        monkeypatch.setenv(var, "1")
+        with pytest.raises(pytest.fail.Exception, match="freia==0.2"): _freia()
+        monkeypatch.delenv(var)
 
 
 def test_vqflow_parameter_count():
@@ -143,7 +229,7 @@ def test_head_clamp_variant():
     x, c = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     z, ld = blk(x, c)
     xr, ldr = blk(z, c, rev=True)
-    assert (xr - x).abs().max() < 1e-10 and (ld + ldr).abs().max() < 1e-10
-    assert abs(_logdet(lambda xi: blk(xi, c[:1])[0], x[0]) - ld[0]) < 1e-10
+    assert (xr - x).abs().max() < INV_EPS and (ld + ldr).abs().max() < INV_EPS
+    assert abs(_logdet(lambda xi: blk(xi, c[:1])[0], x[0]) - ld[0]) < LOGDET_EPS
     with pytest.raises(ValueError, match="clamp_variant"):
         AllInOneBlock(6, clamp_variant="tanh")

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage import measure
 from sklearn.metrics import roc_auc_score, average_precision_score
 
 from vqflow_nb.metrics import (METRIC_KEYS, aupro, pixel_metrics, image_metrics, class_metrics, evaluate_classes,
@@ -64,11 +65,47 @@ def test_degenerate_and_connectivity():
     assert fpr[1] == 0 and pro[1] == pytest.approx(1/3)
 
 
-def test_approx_matches_authors_loop_and_is_close_to_exact():
-    mk, mp = _case(5, n=3, h=20, w=20)
-    a = aupro(mk, mp, variant="approx", steps=50)
-    assert a == pytest.approx(_aupro_approx_loop(mk, mp, steps=50), abs=1e-12)
-    assert abs(aupro(mk, mp, variant="approx", steps=800) - aupro(mk, mp)) < 0.05
+def _approx_reference(masks, maps, steps, fpr_limit=0.3):
+    """The papers' approximate AU-PRO written from its definition (VQ-Flow `evaluations.py::eval_seg_pro`), one threshold
+    at a time, sharing no code with vqflow_nb: thresholds np.arange(min, max, (max-min)/steps); at each, binarise
+    map > t, label the GT masks (skimage, default = 8-connected), PRO = mean over regions of the covered fraction,
+    FPR = FP / normal pixels; keep FPR < limit, min-max rescale the kept FPRs, trapezoid area. Returns (auc, fprs, pros)."""
+    masks, maps = np.asarray(masks, bool), np.asarray(maps)
+    lo, hi = float(maps.min()), float(maps.max())
+    normal = ~masks
+    fprs, pros = [], []
+    for t in np.arange(lo, hi, (hi - lo) / steps):
+        binary = maps > t
+        overlaps = []
+        for i in range(len(masks)):
+            for region in measure.regionprops(measure.label(masks[i])):
+                rows, cols = region.coords[:, 0], region.coords[:, 1]
+                overlaps.append(binary[i, rows, cols].sum() / region.area)
+        pros.append(np.mean(overlaps))
+        fprs.append(np.logical_and(binary, normal).sum() / normal.sum())
+    fprs, pros = np.array(fprs), np.array(pros)
+    f, p = fprs[fprs < fpr_limit], pros[fprs < fpr_limit]
+    f = (f - f.min()) / (f.max() - f.min())
+    area = 0.0
+    for k in range(len(f) - 1):   # f is monotone (non-increasing in t): |sum of trapezoids|
+        area += (f[k + 1] - f[k]) * (p[k + 1] + p[k]) / 2
+    return abs(area), fprs, pros
+
+
+@pytest.mark.parametrize("seed,levels,dtype", [(5, None, np.float64), (6, 8, np.float64), (7, None, np.float32), (8, 16, np.float32)])
+def test_approx_equals_independent_reference_at_800_thresholds(seed, levels, dtype):
+    "The vectorised approximate AU-PRO equals a per-threshold loop written from the definition, at the papers' 800 steps."
+    from vqflow_nb.metrics import pro_curve_approx
+    mk, mp = _case(seed, n=3, h=20, w=20, levels=levels)
+    mp = mp.astype(dtype)
+    ref, fprs, pros = _approx_reference(mk, mp, steps=800)
+    _, fpr, pro = pro_curve_approx(mk, mp, steps=800)
+    assert len(fpr) == len(fprs) >= 800 and np.array_equal(fpr, fprs)   # same thresholds, same FP counts
+    np.testing.assert_allclose(pro, pros, rtol=0, atol=1e-15)
+    assert aupro(mk, mp, variant="approx", steps=800) == pytest.approx(ref, abs=1e-12)
+    if levels is None: assert abs(aupro(mk, mp, variant="approx", steps=800) - aupro(mk, mp)) < 0.05
+    # the authors'-style loop kept for the benchmark agrees too
+    assert _aupro_approx_loop(mk, mp, steps=800) == pytest.approx(ref, abs=1e-12)
 
 
 def test_pixel_fast_backend_equals_sklearn():
@@ -124,3 +161,52 @@ def test_viz_returns_figures():
     assert codebook_perplexity([2, 2, 2]) == pytest.approx(3)
     assert len(plot_codebook_usage([5, 0, 3, 1]).axes) == 1
     plt.close("all")
+
+
+def _labelled(mk, mp):
+    lab = mk.reshape(len(mk), -1).any(1).astype(int); lab[0] = 0
+    return lab, mp.reshape(len(mp), -1).max(1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_inputs_are_named(bad):
+    "NaN/inf in maps, pro_maps or scores: a ValueError naming the input, the count and (via evaluate_classes) the class."
+    mk, good = _case(7)
+    mp = good.copy(); mp[1, 2, 3] = bad; mp[3, 0, 0] = bad
+    msg = r"maps: 2 non-finite values \(.*\) of 2304, in 2 of 4 maps \(first: map 1\)"
+    for call in (lambda: aupro(mk, mp), lambda: aupro(mk, mp, variant="approx"), lambda: pixel_metrics(mk, mp),
+                 lambda: pixel_metrics(mk, mp, backend="sklearn")):
+        with pytest.raises(ValueError, match=msg): call()
+    with pytest.raises(ValueError, match=r"pro_maps: 2 non-finite"): pixel_metrics(mk, good, pro_maps=mp)
+    with pytest.raises(ValueError, match=r"pro_maps: 2 non-finite"): pixel_metrics(mk, good, pro_maps=mp, aupro_variant="approx")
+    lab, sc = _labelled(mk, good)
+    with pytest.raises(ValueError, match=r"class 'screw': maps: 2 non-finite"):
+        evaluate_classes({"ok": dict(labels=lab, scores=sc, masks=mk, maps=good), "screw": dict(labels=lab, scores=sc, masks=mk, maps=mp)})
+    sc_bad = sc.copy(); sc_bad[2] = bad
+    with pytest.raises(ValueError, match=r"scores: 1 non-finite value \(.*\) of 4 \(first at index 2\)"): image_metrics(lab, sc_bad)
+    with pytest.raises(ValueError, match=r"class 'screw': scores: 1 non-finite"):
+        evaluate_classes({"screw": dict(labels=lab, scores=sc_bad)})
+    acc = MetricAccumulator(["a", "screw"]).update(1, lab, sc, mk, mp)
+    with pytest.raises(ValueError, match=r"class 'screw': maps: 2 non-finite"): acc.compute()
+    mk_bad = mk.astype(float); mk_bad[0, 5, 5] = np.nan
+    with pytest.raises(ValueError, match=r"masks: 1 non-finite"): pixel_metrics(mk_bad, good)
+
+
+@pytest.mark.parametrize("steps", [0, 1, -5, 2.5])
+def test_approx_steps_validated(steps):
+    mk, mp = _case(8)
+    with pytest.raises(ValueError, match="steps must be an integer >= 2"): aupro(mk, mp, variant="approx", steps=steps)
+    with pytest.raises(ValueError, match="steps must be an integer >= 2"): pixel_metrics(mk, mp, aupro_variant="approx", aupro_steps=steps)
+    assert aupro(mk, mp, variant="approx", steps=np.int64(50)) == aupro(mk, mp, variant="approx", steps=50)   # numpy integers are fine
+
+
+def test_labels_must_be_zero_one():
+    "Labels are 0 = normal / 1 = anomalous (or bool); {-1, 1} or {1, 2} is an error, not 'all anomalous'."
+    sc = [.1, .4, .35, .8]
+    for bad in ([-1, -1, 1, 1], [1, 1, 2, 2], [0, 0.5, 1, 1]):
+        with pytest.raises(ValueError, match=r"labels: must be 0 \(normal\) / 1 \(anomalous\) or bool"): image_metrics(bad, sc)
+        with pytest.raises(ValueError, match="labels: must be 0"): MetricAccumulator(["a"]).update(0, bad, sc)
+    with pytest.raises(ValueError, match="class 'pill': labels: must be 0"): evaluate_classes({"pill": dict(labels=[-1, -1, 1, 1], scores=sc)})
+    ref = image_metrics([0, 0, 1, 1], sc)
+    for ok in ([False, False, True, True], [0., 0., 1., 1.], np.array([0, 0, 1, 1], np.uint8)):
+        assert image_metrics(ok, sc) == ref

@@ -87,9 +87,14 @@ def _as_cond(c, name:str) -> Tensor|None:
     if not torch.is_tensor(c): raise TypeError(f"{name}: condition must be a Tensor or a list of Tensors, got {type(c)}")
     return c
 
+_PERMUTE_FN = {2: F.linear, 3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # [code] freia 0.2 `permute_function` by input rank
+
 def _channel_matmul(x:Tensor, w:Tensor) -> Tensor:
-    "Return y with y[:, i] = sum_j w[i, j] x[:, j] for x of any rank >= 2 (FrEIA's conv/linear with a CxC kernel)."
-    return F.linear(x.movedim(1, -1), w).movedim(-1, 1)
+    "Return y with y[:, i] = sum_j w[i, j] x[:, j], with the kernel freia 0.2 calls for x's rank (bit-identical to it)."
+    if x.dim() not in _PERMUTE_FN: raise ValueError(f"AllInOneBlock: input must be 2-D to 5-D (like freia), got {x.dim()}-D")
+    # a 1x1 convolution and a matmul over a channels-last view sum the C products in different orders:
+    # same maths, different last bits (~1e-6 in float32, ~1e-14 in float64), so use exactly freia's call
+    return _PERMUTE_FN[x.dim()](x, w.view(w.shape + (1,) * (x.dim() - 2)))
 
 def _global_affine_init(kind:str, init:float) -> float:
     "Return the pre-activation start value so that activation(value) == init (freia 0.2 formulas)."

@@ -37,10 +37,33 @@ def _as_maps(x, name:str, dtype=None) -> np.ndarray:
     if x.ndim != 3: raise ValueError(f"{name}: expected (N,H,W) or (N,1,H,W), got shape {x.shape}")
     return x
 
+def _check_finite(x:np.ndarray, # scores (N,) or maps (N,H,W)
+                  name:str, # what the caller calls it: 'scores', 'maps', 'pro_maps', 'masks'
+                 ) -> np.ndarray:
+    "Return x; if it holds NaN/inf, raise a ValueError saying how many, of which kind, and where the first one is."
+    if x.dtype.kind not in "fc" or np.isfinite(x).all(): return x   # the cheap check first: one pass when all is well
+    bad = ~np.isfinite(x); n = int(np.count_nonzero(bad)); n_nan = int(np.count_nonzero(np.isnan(x)))
+    if x.ndim >= 2:
+        per_map = bad.reshape(len(x), -1).any(1)
+        where = f", in {int(per_map.sum())} of {len(x)} maps (first: map {int(np.argmax(per_map))})"
+    else: where = f" (first at index {int(np.flatnonzero(bad.ravel())[0])})"
+    raise ValueError(f"{name}: {n} non-finite value{'s' if n > 1 else ''} ({n_nan} NaN, {n - n_nan} inf) of {x.size}{where}; "
+                     "metrics need finite numbers (look for an overflow or 0/0 in the model's scoring)")
+
+def _as_labels(labels, name:str="labels") -> np.ndarray:
+    "Image labels as a bool vector; only 0 (normal) / 1 (anomalous) or bool are accepted (never {-1, 1} read as all True)."
+    y = _np(labels, name).ravel()
+    if y.dtype == bool: return y
+    ok = np.isin(y, (0, 1)) if y.dtype.kind in "iuf" else np.zeros(y.shape, bool)
+    if not ok.all():
+        raise ValueError(f"{name}: must be 0 (normal) / 1 (anomalous) or bool, got the values {np.unique(y[~ok])[:5].tolist()}"
+                         " (convert e.g. {-1, 1} labels with labels == 1)")
+    return y.astype(bool)
+
 def _as_masks(masks, maps_shape, name="masks") -> np.ndarray:
     "Boolean (N,H,W) masks with the same shape as the maps."
     m = _as_maps(masks, name)
-    if m.dtype != bool: m = m > 0.5   # masks arrive as {0,1} floats/uint8 or {0,255} (both > 0.5 only where anomalous)
+    if m.dtype != bool: m = _check_finite(m, name) > 0.5   # masks arrive as {0,1} floats/uint8 or {0,255} (both > 0.5 only where anomalous)
     if m.shape != tuple(maps_shape): raise ValueError(f"{name}: shape {m.shape} does not match maps {tuple(maps_shape)}")
     return m
 
@@ -70,9 +93,9 @@ def image_metrics(labels, # (N,) 0 = normal, 1 = anomalous
                   on_single_label:str="raise", # "raise" a ValueError or warn and return "nan" when only one label value occurs
                  ) -> dict:
     "Compute image AUROC, AP and F1-max (scikit-learn) for one class."
-    y = _np(labels, "labels").ravel().astype(bool); s = _np(scores, "scores").ravel()
+    y = _as_labels(labels); s = _np(scores, "scores").ravel()
     if y.shape != s.shape: raise ValueError(f"labels {y.shape} and scores {s.shape} differ in length")
-    if not np.isfinite(s).all(): raise ValueError("scores: contain NaN/inf")
+    _check_finite(s, "scores")
     if not _check_binary(y, "labels", on_single_label): return dict.fromkeys(IMAGE_KEYS, float("nan"))
     return dict(i_auroc=float(roc_auc_score(y, s)), i_ap=float(average_precision_score(y, s)), i_f1max=f1_max(y, s))
 
@@ -127,14 +150,13 @@ def pro_curve_exact(masks, # (N,H,W) GT masks (bool / {0,1})
                     connectivity:int=8, # official MVTec: 8-connected regions
                    ) -> tuple[np.ndarray, np.ndarray]:
     "Return the exact (FPR, PRO) curve at every distinct threshold, with (0,0) prepended and (1,1) appended."
-    maps = _as_maps(maps, "maps"); masks = _as_masks(masks, maps.shape)
+    maps = _check_finite(_as_maps(maps, "maps"), "maps"); masks = _as_masks(masks, maps.shape)
     ids, n_regions = _regions(masks, connectivity)
     ids = ids.ravel(); s = maps.ravel()
     normal = ids == 0
     n_ok = int(np.count_nonzero(normal))
     if n_regions == 0: raise ValueError("masks: no anomalous region, AU-PRO is undefined")
     if n_ok == 0: raise ValueError("masks: no normal pixel, the FPR of AU-PRO is undefined")
-    if not np.isfinite(s).all(): raise ValueError("maps: contain NaN/inf")
     w = np.zeros(n_regions + 1); sizes = np.bincount(ids, minlength=n_regions + 1)
     w[1:] = 1.0 / (sizes[1:] * n_regions)          # PRO increment of a pixel of region k
     m = int(np.floor(fpr_limit * n_ok)) + 1 if exists(fpr_limit) else n_ok + 1
@@ -157,6 +179,8 @@ def _pro_from_sorted(s_sorted, ids_sorted, w, n_ok):
 # %% ../nbs/03_metrics.ipynb #0fabbdb6
 def _approx_thresholds(maps:np.ndarray, steps:int) -> np.ndarray:
     "The papers' threshold grid np.arange(min, max, (max-min)/steps) (may hold steps+1 values by float rounding, as theirs)."
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise ValueError(f"approximate AU-PRO: steps must be an integer >= 2 (VQ-Flow uses 800), got {steps!r}")
     lo, hi = float(maps.min()), float(maps.max())
     if not hi > lo: raise ValueError("maps: constant over the class, the approximate AU-PRO threshold grid is empty")
     return np.arange(lo, hi, (hi - lo) / steps)
@@ -174,7 +198,7 @@ def pro_curve_approx(masks, # (N,H,W) GT masks
                      steps:int=800, # VQ-Flow evaluations.py max_step=800 (ADer: 200)
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "Return (thresholds, FPR, PRO) on the papers' equally spaced threshold grid, binarising `map > t`."
-    maps = _as_maps(maps, "maps"); masks = _as_masks(masks, maps.shape)
+    maps = _check_finite(_as_maps(maps, "maps"), "maps"); masks = _as_masks(masks, maps.shape)
     thr = _approx_thresholds(maps, steps)
     ids = np.zeros(maps.shape, np.int32); n = 0
     for i, m in enumerate(masks):   # skimage default connectivity (= ndim: 8-connected), as the authors
@@ -195,8 +219,8 @@ def pro_curve_approx(masks, # (N,H,W) GT masks
     return thr, fpr, pro
 
 def _aupro_approx_loop(masks, maps, steps:int=800, fpr_limit:float=0.3) -> float:
-    "Slow reference: the authors' per-threshold loop (binarise, label, regionprops) in plain numpy/skimage."
-    maps = _as_maps(maps, "maps"); masks = _as_masks(masks, maps.shape)
+    "Slow: the authors' per-threshold loop (binarise, label, regionprops) in plain numpy/skimage (benchmark baseline)."
+    maps = _check_finite(_as_maps(maps, "maps"), "maps"); masks = _as_masks(masks, maps.shape)
     fprs, pros = [], []
     inv = ~masks
     for t in _approx_thresholds(maps, steps):
@@ -260,7 +284,8 @@ def pixel_metrics(masks, # (N,H,W) or (N,1,H,W) GT masks
     if pro.shape != mp.shape: raise ValueError(f"pro_maps: shape {pro.shape} differs from maps {mp.shape}")
     if mp.dtype not in (np.float32, np.float64): mp = mp.astype(np.float32)   # float16 storage: sort in float32
     mk = _as_masks(masks, mp.shape)
-    if not np.isfinite(mp).all(): raise ValueError("maps: contain NaN/inf")
+    _check_finite(mp, "maps")
+    if pro_maps is not None: _check_finite(pro, "pro_maps")   # named here: inside `aupro` it is just 'maps'
     if not _check_binary(mk, "masks", on_single_label): return dict.fromkeys(PIXEL_KEYS, float("nan"))
     if backend == "sklearn":
         y, s = mk.ravel(), mp.ravel()
@@ -303,10 +328,15 @@ def evaluate_classes(per_class:dict, # class name -> dict(labels=, scores=, mask
     for c, d in per_class.items():
         if not isinstance(d, dict) or "labels" not in d or "scores" not in d:
             raise ValueError(f"per_class[{c!r}]: needs a dict with 'labels' and 'scores' (and optionally 'masks', 'maps')")
-        rows[c] = class_metrics(d["labels"], d["scores"], d.get("masks"), d.get("maps"), aupro_variant, aupro_steps,
-                                on_single_label, pro_maps=d.get("pro_maps"))
+        rows[c] = _for_class(c, class_metrics, d["labels"], d["scores"], d.get("masks"), d.get("maps"), aupro_variant,
+                             aupro_steps, on_single_label, pro_maps=d.get("pro_maps"))
         rows[c]["n_images"] = len(_np(d["labels"], "labels").ravel())
     return _with_mean(rows)
+
+def _for_class(name, f, *args, **kwargs):
+    "Call f; a ValueError is re-raised with the class name in front (which class has the bad input)."
+    try: return f(*args, **kwargs)
+    except ValueError as e: raise ValueError(f"class {name!r}: {e}") from e
 
 def _with_mean(rows:dict) -> pd.DataFrame:
     df = pd.DataFrame.from_dict(rows, orient="index", columns=[*METRIC_KEYS, "n_images"]).astype(float)
@@ -348,7 +378,7 @@ class MetricAccumulator:
                maps=None, # (B,H,W) / (B,1,H,W) anomaly maps, or None
               ):
         "Add one batch."
-        lab = _np(labels, "labels").ravel().astype(np.int8); sc = _np(scores, "scores").ravel().astype(np.float64)
+        lab = _as_labels(labels).astype(np.int8); sc = _np(scores, "scores").ravel().astype(np.float64)
         b = len(lab)
         cid = _np(cls, "cls").ravel().astype(np.int64)
         if cid.size == 1: cid = np.repeat(cid, b)   # one class id for the whole batch
@@ -392,8 +422,8 @@ class MetricAccumulator:
         for c in self._lab:
             if not self._lab[c]: continue
             lab, sc = self._cat(self._lab[c]), self._cat(self._sc[c])
-            rows[self.class_names[c]] = class_metrics(lab, sc, self._cat(self._mk[c]), self._cat(self._mp[c]),
-                                                      aupro_variant, aupro_steps, on_single_label)
+            rows[self.class_names[c]] = _for_class(self.class_names[c], class_metrics, lab, sc, self._cat(self._mk[c]),
+                                                   self._cat(self._mp[c]), aupro_variant, aupro_steps, on_single_label)
             rows[self.class_names[c]]["n_images"] = len(lab)
         if not rows: raise ValueError("MetricAccumulator.compute: nothing collected")
         return _with_mean(rows)

@@ -68,7 +68,8 @@ def mixture_log_prob(prior:MixedGaussianPrior, # the prior heads
                     ) -> Tensor:
     "log sum_k pi_k N(z; mu(p_k), s(p_k)^2) per image (B,): the latent density marginalised over prototypes."
     B, K = zs[0].shape[0], protos.shape[0]
-    w = torch.full((K,), 1. / K, device=protos.device) if weights is None else weights / weights.sum()
     # every image against every prototype: tile the batch K times
     lp = prior.log_prob([z.repeat(K, 1, 1, 1) for z in zs], protos.repeat_interleave(B, 0)).view(K, B)
+    # uniform weights in the densities' dtype (a float32 log(1/K) would cap float64 results at ~1e-8)
+    w = torch.full((K,), 1. / K, device=lp.device, dtype=lp.dtype) if weights is None else weights / weights.sum()
     return torch.logsumexp(w.log()[:, None] + lp, 0)
