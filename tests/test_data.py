@@ -95,3 +95,136 @@ def test_bad_inputs(tmp_path):
     assert ds.has_masks == {"bar": True, "leather": False} and ds.counts().loc["leather", "masks"] == "image-level only"
     shutil.rmtree(r / "leather/train/good")
     with pytest.raises(DatasetError, match="has no train/good"): scan_mvtec(r, "train")
+
+
+# ---- issue 8: every bad input caught (each test fails without its fix) ----
+
+SMALL = dict(classes=["bar", "leather"], n_train=2, n_test_good=2, n_test_bad=2, size=64)
+
+def _warns(fn):
+    "Run `fn`, return (result, list of warning messages)."
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always"); out = fn()
+    return out, [str(x.message) for x in w]
+
+@pytest.mark.parametrize("keep", ["good", "defective"])
+def test_single_label_test_class_fails_at_load(tmp_path, keep):
+    r = make_synthetic(tmp_path / "d", **SMALL)
+    t = r / "leather/test"
+    for d in t.iterdir():
+        if (d.name == "good") == (keep == "defective"): shutil.rmtree(d)
+    want = "2 good and 0 defective" if keep == "good" else "0 good and 2 defective"
+    with pytest.raises(DatasetError, match=f"class 'leather'.*{want}"): AnomalyDataset(r, "test", verbose=False)
+    AnomalyDataset(r, "train", verbose=False)  # the training split is normal-only by design: fine
+    assert AnomalyDataset(r, "test", ["bar"], verbose=False).classes == ["bar"]
+
+def test_single_label_visa_csv(tmp_path):
+    r = make_synthetic(tmp_path / "c", layout="visa_csv", **SMALL)
+    f = r / "split_csv/1cls.csv"
+    f.write_text("".join(l for l in f.read_text().splitlines(True) if not ("leather" in l and ",test,normal," in l)))
+    with pytest.raises(DatasetError, match="class 'leather'.*0 good and 2 defective"): AnomalyDataset(r, "test", verbose=False)
+
+def test_16bit_greyscale_rescaled(tmp_path):
+    from vqflow_nb.data import open_image
+    r = make_synthetic(tmp_path / "d", **SMALL)
+    p = r / "bar/train/good/000.png"
+    a16 = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    Image.fromarray(a16).save(p)
+    assert Image.open(p).mode == "I;16"
+    s = AnomalyDataset(r, "train", image_size=None, verbose=False)[0]
+    want = torch.from_numpy(a16 / 65535.).float()
+    assert (s.image - want).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit rounding only
+    assert s.image[0].equal(s.image[2])
+    # mode I (32-bit integers, e.g. a TIFF): the 16-bit range when the values fit it, else a clear error
+    q = tmp_path / "i32.tif"; Image.fromarray(a16.astype(np.int32)).save(q); assert Image.open(q).mode == "I"
+    assert np.abs(np.asarray(open_image(q))[..., 0] / 255 - a16 / 65535).max() <= 0.5 / 255 + 1e-6
+    Image.fromarray(a16.astype(np.int32) * 4).save(q)
+    with pytest.raises(DatasetError, match="i32.tif"): open_image(q)
+
+def test_jpeg_mask_half_range_and_warns(tmp_path):
+    from vqflow_nb.data import open_mask
+    truth = np.zeros((64, 64), bool); truth[20:29, 17:25] = True; truth[29, 18:21] = True  # 75 px, off the 8x8 grid
+    f = tmp_path / "m.jpg"; Image.fromarray(truth.astype(np.uint8) * 255).save(f, quality=75)
+    assert (np.asarray(Image.open(f)) != 0).sum() > 1.5 * truth.sum()  # what `!= 0` would read
+    m, w = _warns(lambda: open_mask(f))
+    assert (m ^ truth).sum() <= 3 and any("m.jpg" in x and "JPEG" in x for x in w)
+    g = tmp_path / "m.png"; Image.fromarray(truth.astype(np.uint8)).save(g)  # lossless: any non-zero value counts
+    m, w = _warns(lambda: open_mask(g))
+    assert (m == truth).all() and not w
+    # in a dataset: one counted warning at load, not one per sample
+    r = make_synthetic(tmp_path / "d", **SMALL)
+    for mp in sorted((r / "bar/ground_truth").rglob("*_mask.png")):
+        Image.open(mp).save(mp.with_suffix(".jpg"), quality=75); mp.unlink()
+    ds, w = _warns(lambda: AnomalyDataset(r, "test", image_size=None, verbose=False))
+    assert sum("JPEG" in x for x in w) == 1 and any("2 masks" in x for x in w)
+    _, w = _warns(lambda: [ds[i] for i in range(len(ds))])
+    assert not [x for x in w if "JPEG" in x]
+
+def test_empty_mask_of_defect_image_is_an_error(tmp_path):
+    r = make_synthetic(tmp_path / "d", **SMALL)
+    mp = sorted((r / "leather/ground_truth").rglob("*_mask.png"))[0]
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(mp)
+    ds = AnomalyDataset(r, "test", verbose=False)
+    i = [x.mask_path for x in ds.records].index(mp)
+    with pytest.raises(DatasetError, match=f"{mp.name}.*empty"): ds[i]
+
+def _csv(tmp_path, name="c"):
+    r = make_synthetic(tmp_path / name, layout="visa_csv", **SMALL)
+    f = r / "split_csv/1cls.csv"
+    return r, f, f.read_text().splitlines()
+
+def test_visa_csv_split_values(tmp_path):
+    r, f, rows = _csv(tmp_path)
+    i = next(k for k, l in enumerate(rows) if ",test," in l)
+    f.write_text("\n".join(rows[:i] + [rows[i].replace(",test,", ",Test,")] + rows[i + 1:]))
+    te, w = _warns(lambda: scan_visa_csv(r, "test"))
+    assert len(te) == 8 and any("'Test'" in x and f"line {i + 1}" in x for x in w)  # normalised, with a warning
+    f.write_text("\n".join(rows[:i] + [rows[i].replace(",test,", ",test ,")] + rows[i + 1:]))
+    assert len(_warns(lambda: scan_visa_csv(r, "test"))[0]) == 8
+    f.write_text("\n".join(rows[:i] + [rows[i].replace(",test,", ",val,")] + rows[i + 1:]))
+    with pytest.raises(DatasetError, match=f"1cls.csv, line {i + 1}.*'val'"): scan_visa_csv(r, "test")
+
+def test_visa_csv_duplicates(tmp_path):
+    r, f, rows = _csv(tmp_path)
+    i = next(k for k, l in enumerate(rows) if ",test,anomaly," in l)
+    f.write_text("\n".join(rows + [rows[i]]))
+    with pytest.raises(DatasetError, match=f"twice.*lines {i + 1} and {len(rows) + 1}"): scan_visa_csv(r, "test")
+    j = next(k for k, l in enumerate(rows) if ",test,normal," in l)
+    f.write_text("\n".join(rows + [rows[j].replace(",test,", ",train,")]))
+    with pytest.raises(DatasetError, match="both train.*and test"): scan_visa_csv(r, "train")
+
+def test_visa_csv_malformed_rows(tmp_path):
+    r, f, rows = _csv(tmp_path)
+    f.write_text("\n".join(rows[:3] + [rows[3] + ",extra"] + rows[4:]))
+    with pytest.raises(DatasetError, match=r"1cls.csv, line 4: 6 cells"): scan_visa_csv(r, "train")
+    c = rows[3].split(","); c[3] = ""
+    f.write_text("\n".join(rows[:3] + [",".join(c)] + rows[4:]))
+    with pytest.raises(DatasetError, match=r"1cls.csv, line 4: empty image cell"): scan_visa_csv(r, "train")
+
+def test_mask_extensions_any_case(tmp_path):
+    r = make_synthetic(tmp_path / "d", **SMALL)
+    d = next(x for x in sorted((r / "bar/test").iterdir()) if x.name != "good")  # a defect folder
+    img = sorted(d.iterdir())[0]; mp = r / "bar/ground_truth" / d.name / f"{img.stem}_mask.png"
+    Image.open(img).save(img.with_suffix(".jpeg"), quality=95); img.unlink()
+    Image.open(mp).save(mp.with_suffix(".TIF")); mp.unlink()
+    te = scan_mvtec(r, "test", ["bar"])
+    assert {x.path.name: x.mask_path.name for x in te if x.label}[f"{img.stem}.jpeg"] == f"{img.stem}_mask.TIF"
+    mp.with_suffix(".TIF").unlink()
+    with pytest.raises(DatasetError, match=rf"{img.stem}_mask\.<ext> or {img.stem}\.<ext>.*any case"): scan_mvtec(r, "test")
+
+def test_symlinked_class_folder_refused(tmp_path):
+    r = make_synthetic(tmp_path / "d", **SMALL)
+    (r / "bar_copy").symlink_to(r / "bar", target_is_directory=True)
+    with pytest.raises(DatasetError, match="bar_copy.*same folder"): scan_mvtec(r, "train")
+    with pytest.raises(DatasetError, match="same folder"): AnomalyDataset(r, "test", ["bar", "bar_copy"], verbose=False)
+    assert len(scan_mvtec(r, "train", ["bar_copy", "leather"])) == 4  # one name per folder is fine
+    # class folders that are all links to data elsewhere are fine
+    s = tmp_path / "links"; s.mkdir()
+    for c in ("bar", "leather"): (s / c).symlink_to(r / c, target_is_directory=True)
+    assert len(scan_mvtec(s, "train")) == 4
+    # a defect folder linked to another one duplicates its images too
+    (r / "bar_copy").unlink()
+    d = next(x.name for x in sorted((r / "leather/test").iterdir()) if x.name != "good")
+    for sub in ("test", "ground_truth"):
+        (r / "leather" / sub / "dup").symlink_to(r / "leather" / sub / d, target_is_directory=True)
+    with pytest.raises(DatasetError, match="twice"): scan_mvtec(r, "test")

@@ -99,3 +99,44 @@ def test_cache_hit_resume_and_equality(tmp_path):
     st3 = extract_features(ds, ex2, cache_dir=tmp_path / 'c', batch_size=3, progress=False)
     assert st3.root != st.root and st.root.exists()
     assert isinstance(FeatureStore.load(st.root), FeatureStore)
+
+
+# ---- issue 8: bad weights arguments and the embedded offline presets ----
+
+def test_bad_checkpoint_files(tmp_path):
+    empty = tmp_path / 'empty.pth'; empty.write_bytes(b'')
+    with pytest.raises(ValueError, match=r'empty\.pth.*empty \(0 bytes\)'):
+        build_backbone('tf_efficientnet_lite0', (1,), str(empty))
+    junk = tmp_path / 'junk.pth'; junk.write_bytes(b'this is not a checkpoint' * 10)
+    with pytest.raises(ValueError, match=r'cannot read checkpoint .*junk\.pth'):
+        build_backbone('tf_efficientnet_lite0', (1,), str(junk))
+    cut = tmp_path / 'cut.pth'; cut.write_bytes(offline_weights_path().read_bytes()[:100_000])  # interrupted copy
+    with pytest.raises(ValueError, match=r'cannot read checkpoint .*cut\.pth'):
+        build_backbone('tf_efficientnet_lite0', (1,), str(cut))
+
+
+def test_weights_none_means_default(monkeypatch):
+    import vqflow_nb.features as fm
+    assert FeatureExtractor.from_preset('offline', weights=None, input_size=32).weights_source['kind'] == 'offline'
+    monkeypatch.setitem(fm.PRESETS, 'tiny_random', dict(backbone='tf_efficientnet_lite0', out_indices=(2,),
+                                                        input_size=32, weights='random', norm='inception'))
+    assert FeatureExtractor.from_preset('tiny_random', weights=None).weights_source['kind'] == 'random'  # the preset's
+    assert FeatureExtractor(out_indices=(2,), input_size=32, weights=None).weights_source['kind'] == 'offline'
+    assert build_backbone('tf_efficientnet_lite0', (2,), None)[1]['kind'] == 'offline'
+    with pytest.raises(TypeError, match="weights must be"):
+        build_backbone('tf_efficientnet_lite0', (2,), 3)
+
+
+@pytest.mark.parametrize('name,stage_ch,stage_strides,shapes', [
+    # HGAD's structure: one stride-16 stage on a 3-level image pyramid (here Lite0's 112-ch stage at 512/256/128)
+    ('hgad_offline', [112], [16], [(112, 32, 32), (112, 16, 16), (112, 8, 8)]),
+    # HVQ-Trans's structure: the stride-2/4/8/16 stages aligned to input/16 and concatenated (16+24+40+112 ch)
+    ('hvqtrans_offline', [16, 24, 40, 112], [2, 4, 8, 16], [(192, 14, 14)]),
+])
+def test_offline_method_presets(name, stage_ch, stage_strides, shapes):
+    e = FeatureExtractor.from_preset(name)
+    assert e.weights_source['kind'] == 'offline' and e.norm_name == 'inception'
+    assert e.stage_channels == stage_ch and e.stage_strides == stage_strides
+    assert e.shapes == shapes and [c for c, _, _ in shapes] == e.channels
+    x = torch.rand(2, 3, 100, 120)  # any image size: resized to the preset's input
+    assert [tuple(f.shape) for f in e(x)] == [(2, *s) for s in shapes]

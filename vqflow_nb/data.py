@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #d783b7c2
 from __future__ import annotations
-import csv, warnings
+import csv, os, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -60,8 +60,18 @@ def _check_root(root) -> Path:
     if not root.is_dir(): raise DatasetError(f"dataset root {root} is not a folder")
     return root
 
+# %% ../nbs/01_data.ipynb #9e4d2b17
 def _is_mvtec_class(d:Path) -> bool:
     return d.is_dir() and not d.name.startswith(".") and ((d / "train").is_dir() or (d / "test").is_dir())
+
+def _check_distinct_folders(dirs:list[Path]):
+    "Refuse two class names for one folder (a symlink): its images would be read twice, as two classes."
+    seen = {}
+    for d in dirs:
+        if (real := d.resolve()) in seen:
+            raise DatasetError(f"class folders {d} and {seen[real]} are the same folder ({real}): its images would be "
+                               "read twice, as two classes; remove the link or pick one name with classes=[...]")
+        seen[real] = d
 
 def _mvtec_classes(root:Path, classes) -> list[str]:
     if classes is None:
@@ -69,18 +79,44 @@ def _mvtec_classes(root:Path, classes) -> list[str]:
         if not found:
             hint = " (it looks like a single class folder: pass its parent as root)" if (root / "train").is_dir() else ""
             raise DatasetError(f"no class folders (sub-folders with train/ or test/) found in {root}{hint}")
-        return found
-    if isinstance(classes, str): classes = [classes]
-    for c in classes:
-        if not (root / c).is_dir(): raise DatasetError(f"class folder {root / c} not found (requested class {c!r})")
-    return sorted(classes)
+    else:
+        found = sorted([classes] if isinstance(classes, str) else classes)
+        for c in found:
+            if not (root / c).is_dir(): raise DatasetError(f"class folder {root / c} not found (requested class {c!r})")
+    _check_distinct_folders([root / c for c in found])
+    return found
 
-def _find_mask(gt_dir:Path, img:Path) -> Path | None:
-    "The mask of `img` in `gt_dir`: `<stem>_mask.*` (MVTec) or `<stem>.*` (converted VisA)."
+def _check_unique_files(recs:list[Record]):
+    "Refuse one image file reached by two paths (a linked folder or file): it would be counted twice."
+    seen = {}
+    for r in recs:
+        if (real := r.path.resolve()) in seen:
+            raise DatasetError(f"image {real} is read twice, as {seen[real]} and {r.path} (a symlinked folder or file?); "
+                               "remove the link")
+        seen[real] = r.path
+
+# %% ../nbs/01_data.ipynb #b87c3e05
+def _mask_index(gt_dir:Path) -> dict[str, list[Path]]:
+    "The image files of `gt_dir` by stem, extensions matched case-insensitively (one listing per folder)."
+    idx = {}
+    if gt_dir.is_dir():
+        for p in sorted(gt_dir.iterdir()):
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS: idx.setdefault(p.stem, []).append(p)
+    return idx
+
+def _find_mask(gt_dir:Path, img:Path, index:dict|None=None) -> Path | None:
+    "The mask of `img` in `gt_dir`: `<stem>_mask.<ext>` (MVTec) or `<stem>.<ext>` (converted VisA), any image `<ext>`."
+    index = _mask_index(gt_dir) if index is None else index
     for stem in (img.stem + "_mask", img.stem):
-        for ext in (img.suffix, ".png", ".PNG", ".bmp", ".jpg", ".JPG", ".tif", ".tiff"):
-            if (p := gt_dir / (stem + ext)).is_file(): return p
+        if found := index.get(stem):
+            if len(found) > 1: raise DatasetError(f"{len(found)} candidate masks for {img}: {[str(p) for p in found]}; keep one")
+            return found[0]
     return None
+
+def _no_mask_error(gt_dir:Path, img:Path, cls_name:str) -> DatasetError:
+    where = f"in {gt_dir}" if gt_dir.is_dir() else f"in {gt_dir} (which does not exist)"
+    return DatasetError(f"no mask for defect image {img}: looked {where} for {img.stem}_mask.<ext> or {img.stem}.<ext> "
+                        f"with <ext> one of {' '.join(IMAGE_EXTS)} in any case (class {cls_name!r} has a ground_truth folder)")
 
 # %% ../nbs/01_data.ipynb #8d2f35b1
 def scan_mvtec(root:str|Path, # dataset root holding one folder per class
@@ -109,27 +145,79 @@ def scan_mvtec(root:str|Path, # dataset root holding one folder per class
         for t in types:
             imgs = _list_images(tdir / t)
             if not imgs: warnings.warn(f"empty test folder {tdir / t}")
+            index = _mask_index(gt / t) if gt.is_dir() and t != "good" else {}
             for p in imgs:
                 if t == "good": recs.append(Record(p, None, 0, "good", c, "test")); continue
-                m = _find_mask(gt / t, p) if gt.is_dir() else None
-                if gt.is_dir() and m is None:
-                    raise DatasetError(f"no mask for defect image {p}: expected {gt / t / (p.stem + '_mask.png')} "
-                                       f"or {gt / t / (p.stem + '.png')} (class {c!r} has a ground_truth folder)")
+                m = _find_mask(gt / t, p, index) if gt.is_dir() else None
+                if gt.is_dir() and m is None: raise _no_mask_error(gt / t, p, c)
                 recs.append(Record(p, m, 1, t, c, "test"))
         if len(recs) == n0: raise DatasetError(f"zero images found in {tdir}")
     if not recs: raise DatasetError(f"zero images found in {root} for split {split!r}")
+    _check_unique_files(recs)
     return recs
+
+# %% ../nbs/01_data.ipynb #0d7b5e19
+_VISA_CSV = Path("split_csv") / "1cls.csv"  # the file `datasets/visa.py:VISA._load_data` (xcyao00/HGAD) reads
+_VISA_COLUMNS = ["object", "split", "label", "image", "mask"]
+
+def _csv_rows(f:Path) -> pd.DataFrame:
+    "The non-blank rows of csv `f` as strings with their `line` numbers; a row of another width than the header is an error."
+    try:
+        with open(f, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark is not header text
+            rd = csv.reader(fh)
+            header, rows, lines = [h.strip() for h in next(rd, [])], [], []
+            for cells in rd:
+                if not any(x.strip() for x in cells): continue  # blank line
+                if len(cells) != len(header):
+                    raise DatasetError(f"{f}, line {rd.line_num}: {len(cells)} cells, the header has {len(header)} "
+                                       f"({','.join(cells)[:150]})")
+                rows.append(cells); lines.append(rd.line_num)
+    except (UnicodeDecodeError, csv.Error) as e: raise DatasetError(f"cannot parse {f}: {type(e).__name__}: {e}") from e
+    if not header: raise DatasetError(f"{f} is empty")
+    return pd.DataFrame(rows, columns=header, dtype=str).assign(line=lines)
+
+# %% ../nbs/01_data.ipynb #e5c93a70
+def _canon_column(df:pd.DataFrame, col:str, allowed:tuple, f:Path):
+    "Read `col` in lower case without surrounding spaces (warn if that changed a value); any other value is an error."
+    norm = df[col].str.strip().str.lower()
+    if (bad := ~norm.isin(allowed)).any():
+        r = df[bad].iloc[0]
+        raise DatasetError(f"{f}, line {r.line}: {col} {r[col]!r} is not one of {list(allowed)}"
+                           + (f" ({bad.sum()} such rows)" if bad.sum() > 1 else ""))
+    if (changed := norm != df[col]).any():
+        r = df[changed].iloc[0]
+        warnings.warn(f"{f}: read {changed.sum()} {col} value(s) in lower case without spaces, e.g. line {r.line}: "
+                      f"{r[col]!r} as {norm[changed].iloc[0]!r}")
+    df[col] = norm
+
+def _check_visa_rows(df:pd.DataFrame, f:Path):
+    "Empty object/image cells and images listed more than once (twice in a split, or in train and test) are errors."
+    for col in ("object", "image"):
+        if (empty := df[col].str.strip() == "").any(): raise DatasetError(f"{f}, line {df[empty].iloc[0].line}: empty {col} cell")
+    key = df["image"].map(lambda s: os.path.normpath(s.strip()))
+    for img, g in df[key.duplicated(keep=False)].groupby(key, sort=False):
+        if g["split"].nunique() > 1:
+            ln = {s: g[g["split"] == s].line.iloc[0] for s in ("train", "test")}
+            raise DatasetError(f"{f}: image {img} is in both train (line {ln['train']}) and test (line {ln['test']}): "
+                               "a test image must not be seen in training")
+        raise DatasetError(f"{f}: image {img} is listed {'twice' if len(g) == 2 else f'{len(g)} times'} "
+                           f"(lines {' and '.join(map(str, g.line))}): it would be counted more than once")
+
+def _visa_has_masks(df:pd.DataFrame, c:str) -> bool:
+    "Whether some anomaly of class `c` has a mask in the csv (otherwise the class is image-level only)."
+    return bool(((df["object"] == c) & (df["label"] == "anomaly") & (df["mask"].str.strip() != "")).any())
 
 # %% ../nbs/01_data.ipynb #4d1b2fdb
 def _read_visa_csv(root:Path) -> pd.DataFrame:
-    f = root / "split_csv" / "1cls.csv"
+    "The validated `split_csv/1cls.csv` of `root` (see above), with a `line` column for messages."
+    f = root / _VISA_CSV
     if not f.is_file(): raise DatasetError(f"VisA split file {f} not found")
-    df = pd.read_csv(f, dtype=str, keep_default_na=False)
-    need = ["object", "split", "label", "image", "mask"]
-    if miss := [k for k in need if k not in df.columns]:
-        raise DatasetError(f"{f} lacks column(s) {miss}; expected columns {need}")
-    bad = sorted(set(df["label"]) - {"normal", "anomaly"})
-    if bad: raise DatasetError(f"{f}: unknown label value(s) {bad}; expected 'normal' or 'anomaly'")
+    df = _csv_rows(f)
+    if miss := [k for k in _VISA_COLUMNS if k not in df.columns]:
+        raise DatasetError(f"{f} lacks column(s) {miss}; expected columns {_VISA_COLUMNS}")
+    _canon_column(df, "split", ("train", "test"), f)
+    _canon_column(df, "label", ("normal", "anomaly"), f)
+    _check_visa_rows(df, f)
     return df
 
 def scan_visa_csv(root:str|Path, # VisA root holding split_csv/1cls.csv and one folder per class
@@ -138,31 +226,31 @@ def scan_visa_csv(root:str|Path, # VisA root holding split_csv/1cls.csv and one 
                  ) -> list[Record]:
     "List the images of original VisA as driven by `split_csv/1cls.csv`."
     _check_split(split); root = _check_root(root)
-    df = _read_visa_csv(root)
+    df, f = _read_visa_csv(root), root / _VISA_CSV
     known = sorted(set(df["object"]))
     if classes is None: classes = known
     if isinstance(classes, str): classes = [classes]
     for c in classes:
-        if c not in known: raise DatasetError(f"class {c!r} not in {root / 'split_csv/1cls.csv'} (has {known})")
+        if c not in known: raise DatasetError(f"class {c!r} not in {f} (has {known})")
     recs = []
     for c in sorted(classes):
         rows = df[(df["object"] == c) & (df["split"] == split)]
-        if not len(rows): raise DatasetError(f"zero images of class {c!r} for split {split!r} in the csv of {root}")
-        anom = df[(df["object"] == c) & (df["label"] == "anomaly")]
-        has_masks = (anom["mask"] != "").any()
+        if not len(rows): raise DatasetError(f"zero images of class {c!r} for split {split!r} in {f}")
+        has_masks = _visa_has_masks(df, c)
         if split == "train" and (rows["label"] == "anomaly").any():  # 1cls.csv trains on normal images only
-            raise DatasetError(f"class {c!r} has anomalous training rows in {root / 'split_csv/1cls.csv'}")
+            raise DatasetError(f"class {c!r} has anomalous training rows in {f} (line {rows[rows.label == 'anomaly'].line.iloc[0]})")
         for r in rows.itertuples():
             p = root / r.image
-            if not p.is_file(): raise DatasetError(f"image {p} listed in split_csv/1cls.csv does not exist")
+            if not p.is_file(): raise DatasetError(f"image {p} listed in {f}, line {r.line}, does not exist")
             if r.label == "normal": recs.append(Record(p, None, 0, "good", c, split)); continue
             m = None
             if has_masks:
-                if not r.mask: raise DatasetError(f"no mask for defect image {p} in split_csv/1cls.csv "
-                                                  f"(other anomalies of class {c!r} have masks)")
+                if not r.mask.strip(): raise DatasetError(f"no mask for defect image {p} in {f}, line {r.line} "
+                                                          f"(other anomalies of class {c!r} have masks)")
                 m = root / r.mask
-                if not m.is_file(): raise DatasetError(f"mask {m} of defect image {p} does not exist")
+                if not m.is_file(): raise DatasetError(f"mask {m} of defect image {p} ({f}, line {r.line}) does not exist")
             recs.append(Record(p, m, 1, "bad", c, split))
+    _check_unique_files(recs)
     return recs
 
 # %% ../nbs/01_data.ipynb #c9e2a493
@@ -171,7 +259,7 @@ FORMATS = ("mvtec", "visa_csv")
 def detect_format(root:str|Path) -> str:
     "'visa_csv' if `root/split_csv/1cls.csv` exists, 'mvtec' if some sub-folder has train/ or test/."
     root = _check_root(root)
-    if (root / "split_csv" / "1cls.csv").is_file(): return "visa_csv"
+    if (root / _VISA_CSV).is_file(): return "visa_csv"
     if any(_is_mvtec_class(d) for d in root.iterdir()): return "mvtec"
     hint = " (it looks like a single class folder: pass its parent as root)" if (root / "train").is_dir() else ""
     raise DatasetError(f"cannot tell the layout of {root}: no split_csv/1cls.csv and no class folder with "
@@ -188,10 +276,10 @@ def scan_dataset(root:str|Path, # dataset root
     if fmt == "visa_csv": return scan_visa_csv(root, split, classes)
     raise DatasetError(f"unknown dataset format {fmt!r}; expected 'auto' or one of {FORMATS}")
 
-def _class_has_masks(root:Path, fmt:str, c:str) -> bool:
+def _class_has_masks(root:Path, fmt:str, c:str, df:pd.DataFrame|None=None) -> bool:
+    "Whether class `c` has pixel ground truth (`df`: the VisA csv, already read)."
     if fmt == "mvtec": return (root / c / "ground_truth").is_dir()
-    df = _read_visa_csv(root)
-    return bool(((df["object"] == c) & (df["label"] == "anomaly") & (df["mask"] != "")).any())
+    return _visa_has_masks(_read_visa_csv(root) if df is None else df, c)
 
 # %% ../nbs/01_data.ipynb #4b1234b8
 RESAMPLE = dict(lanczos=Image.Resampling.LANCZOS, bilinear=Image.Resampling.BILINEAR,
@@ -202,22 +290,45 @@ def _hw(size) -> tuple[int, int] | None:
     if isinstance(size, int): return (size, size)
     h, w = size; return (int(h), int(w))
 
+def _wide_to_uint8(a:np.ndarray, mode:str, path) -> np.ndarray:
+    "A 16-bit (`I;16*`), 32-bit integer (`I`) or float (`F`) greyscale array as uint8, scaled by its type's range."
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0., 0.)
+    if mode == "F":
+        if not (np.isfinite(a).all() and 0 <= lo and hi <= 1):
+            raise DatasetError(f"image {path}: 32-bit float values {lo:g}..{hi:g} are not in [0, 1]; save it as 8- or 16-bit")
+        top = 1.0
+    else:  # I;16 is 16-bit by type; I (32-bit) is read on the 16-bit scale it holds when it came from a 16-bit PNG
+        if mode == "I" and (lo < 0 or hi > 65535):
+            raise DatasetError(f"image {path}: 32-bit integer values {lo:g}..{hi:g} exceed the 16-bit range; save it as 8- or 16-bit")
+        top = 65535.0
+    return np.rint(a.astype(np.float64) * (255 / top)).astype(np.uint8)
+
 def open_image(path:str|Path) -> Image.Image:
-    "Read an image file as RGB (greyscale repeated to 3 channels); raise `DatasetError` naming a bad file."
+    "Read an image file as 8-bit RGB (greyscale repeated; 16-bit scaled by 1/257); raise `DatasetError` naming a bad file."
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            if not (im.mode.startswith("I") or im.mode == "F"): return im.convert("RGB")
+            mode, a = im.mode, np.asarray(im)
     except Exception as e: raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+    return Image.fromarray(_wide_to_uint8(a, mode, path), "L").convert("RGB")
+
+# %% ../nbs/01_data.ipynb #7f3e2c81
+_LOSSY = ("JPEG", "MPO")  # Pillow's format names of JPEG files (MPO: a camera's multi-picture JPEG)
 
 def open_mask(path:str|Path, # the mask file (0/255 MVTec, small values VisA, RGB or greyscale)
               image_hw:tuple[int, int]|None=None, # (H,W) of its image, to check the aspect ratio
+              warn_lossy:bool=True, # warn when a JPEG mask is read (a dataset warns once instead, with a count)
              ) -> np.ndarray:
-    "Read a mask file as a bool array (H,W), binarised as value != 0."
+    "Read a mask file as a bool array (H,W): value != 0 for lossless files, value > half range for JPEG."
     try:
-        with Image.open(path) as im: a = np.asarray(im)
+        with Image.open(path) as im: a, lossy = np.asarray(im), im.format in _LOSSY
     except Exception as e: raise DatasetError(f"cannot read mask file {path}: {type(e).__name__}: {e}") from e
-    m = (a != 0).any(-1) if a.ndim == 3 else a != 0
+    if lossy:  # compression ringing leaves small non-zero values around every edge: threshold at half range
+        m = a > np.iinfo(a.dtype).max / 2
+        if warn_lossy: warnings.warn(f"mask {path} is a JPEG (lossy): binarised at half range (> {np.iinfo(a.dtype).max // 2}), not != 0")
+    else: m = a != 0
+    if m.ndim == 3: m = m.any(-1)
     if image_hw is not None and m.shape != tuple(image_hw):
         (mh, mw), (ih, iw) = m.shape, image_hw
         if abs(mh / mw - ih / iw) > 0.01 * ih / iw:
@@ -240,6 +351,33 @@ class Sample:
     path: str        # the image file
     has_mask: bool   # False for classes without pixel ground truth
 
+# %% ../nbs/01_data.ipynb #d3a1f6b8
+def _check_test_labels(recs:list[Record], root:Path):
+    "Every class of a test split needs good and defective images: AUROC and AP are undefined on one label."
+    for c in sorted({r.cls_name for r in recs}):
+        n1 = sum(r.label for r in recs if r.cls_name == c); n0 = sum(r.cls_name == c for r in recs) - n1
+        if not (n0 and n1):
+            raise DatasetError(f"test split of class {c!r} in {root} has {n0} good and {n1} defective images: its image-level "
+                               "metrics (AUROC, AP) need both labels; add the missing images or leave the class out (classes=[...])")
+
+def _warn_lossy_masks(recs:list[Record], root:Path):
+    lossy = [r.mask_path for r in recs if r.mask_path is not None and r.mask_path.suffix.lower() in (".jpg", ".jpeg")]
+    if lossy: warnings.warn(f"{len(lossy)} masks in {root} are JPEG (lossy), e.g. {lossy[0]}: binarised at half range "
+                            "(> 127), not != 0")
+
+def _sample_mask(r:Record, hw:tuple, out_hw:tuple) -> np.ndarray:
+    "The mask of record `r` (image of size `hw`) at `out_hw`; an all-zero mask of a defect image is an error."
+    if r.mask_path is None: return np.zeros(out_hw, bool)
+    m = open_mask(r.mask_path, hw, warn_lossy=False)
+    if r.label and not m.any():
+        raise DatasetError(f"mask {r.mask_path} of defect image {r.path} is empty (all zero): mark the defect, or remove "
+                           "the class's masks to evaluate it at image level only")
+    out = _resize_mask(m, out_hw)
+    if r.label and not out.any():
+        warnings.warn(f"the defect of {r.path} ({int(m.sum())} px in {r.mask_path}) vanishes when its mask is resized to "
+                      f"{out_hw}: choose a larger mask_size")
+    return out
+
 # %% ../nbs/01_data.ipynb #92b9c540
 class AnomalyDataset(torch.utils.data.Dataset):
     "Images, masks, labels and class indices of a multi-class anomaly dataset (one split, all classes)."
@@ -257,12 +395,15 @@ class AnomalyDataset(torch.utils.data.Dataset):
         if resample not in RESAMPLE: raise DatasetError(f"unknown resample {resample!r}; expected one of {list(RESAMPLE)}")
         self.fmt = detect_format(self.root) if fmt == "auto" else fmt
         self.records = scan_dataset(self.root, split, classes, self.fmt)
+        if split == "test": _check_test_labels(self.records, self.root)
+        _warn_lossy_masks(self.records, self.root)
         self.classes = sorted({r.cls_name for r in self.records})
         if class_index is None: class_index = {c: i for i, c in enumerate(self.classes)}
         elif miss := [c for c in self.classes if c not in class_index]:
             raise DatasetError(f"class_index lacks class(es) {miss} of {self.root}")
         self.class_index = dict(class_index)
-        self.has_masks = {c: _class_has_masks(self.root, self.fmt, c) for c in self.classes}
+        df = _read_visa_csv(self.root) if self.fmt == "visa_csv" else None  # read the csv once, not once per class
+        self.has_masks = {c: _class_has_masks(self.root, self.fmt, c, df) for c in self.classes}
         self.image_size, self.mask_size, self.resample = _hw(image_size), _hw(mask_size), resample
         self._counts = None
         if verbose:
@@ -279,7 +420,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
             im = im.resize(self.image_size[::-1], RESAMPLE[self.resample])
         img = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1).contiguous()
         mhw = self.mask_size or self.image_size or hw
-        m = _resize_mask(open_mask(r.mask_path, hw), mhw) if r.mask_path is not None else np.zeros(mhw, bool)
+        m = _sample_mask(r, hw, mhw)
         return Sample(img, torch.from_numpy(m.astype(np.float32))[None], r.label, self.class_index[r.cls_name],
                       r.cls_name, str(r.path), self.has_masks[r.cls_name])
 

@@ -76,11 +76,19 @@ def map_efficientnet_state_dict(src:dict, # lukemelas-style state dict (`_conv_s
     return out
 
 # %% ../nbs/02_features.ipynb #4f8dcd00
+def _torch_load(path):
+    "`torch.load` of a weights file (tensors only); an empty or unreadable file is a `ValueError` naming it."
+    path = Path(path)
+    if path.stat().st_size == 0: raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy?")
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # EOFError, UnpicklingError, RuntimeError(zip): all mean "not a readable checkpoint"
+        raise ValueError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {e}") from e
+
 def load_offline_classifier(backbone:str='tf_efficientnet_lite0', # a key of `OFFLINE_PACKAGES`
                            ) -> nn.Module:
     "The full timm classifier with the packaged offline weights loaded (all keys, strict), in eval mode."
     model = timm.create_model(backbone, pretrained=False)
-    src = torch.load(offline_weights_path(backbone), map_location='cpu', weights_only=True)
+    src = _torch_load(offline_weights_path(backbone))
     model.load_state_dict(map_efficientnet_state_dict(src, model), strict=True)
     return model.eval()
 
@@ -93,7 +101,7 @@ def _file_sha1(path, n=1<<20):
     return f'{h.hexdigest()[:16]}-{Path(path).stat().st_size}'
 
 def _read_checkpoint(path):
-    ck = torch.load(path, map_location='cpu', weights_only=True)
+    ck = _torch_load(path)
     for k in ('state_dict', 'model', 'state_dict_ema'):
         if isinstance(ck, dict) and k in ck and isinstance(ck[k], dict): ck = ck[k]
     if not isinstance(ck, dict): raise ValueError(f"{path}: not a state dict (got {type(ck).__name__})")
@@ -114,10 +122,13 @@ def _load_into_features(fmodel, backbone, sd, origin):
 
 def build_backbone(backbone:str, # timm model name
                    out_indices:tuple, # timm stage indices to return
-                   weights:str='offline', # 'timm' | 'offline' | 'random' | path to a checkpoint file
+                   weights:str|None='offline', # 'timm' | 'offline' | 'random' | path to a checkpoint file; None = 'offline'
                   ) -> tuple[nn.Module, dict]:
     "A frozen timm `features_only` backbone and a dict recording where its weights came from."
     out_indices = tuple(int(i) for i in out_indices)
+    if weights is None: weights = 'offline'  # None = the default, as for any argument left out
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be 'timm', 'offline', 'random' or a checkpoint path, got {weights!r}")
     kw = dict(features_only=True, out_indices=out_indices)
     if weights == 'timm':
         try: m = timm.create_model(backbone, pretrained=True, **kw)
@@ -134,7 +145,7 @@ def build_backbone(backbone:str, # timm model name
     elif weights == 'offline':
         path = offline_weights_path(backbone)
         m = timm.create_model(backbone, pretrained=False, **kw)
-        _load_into_features(m, backbone, torch.load(path, map_location='cpu', weights_only=True), path.name)
+        _load_into_features(m, backbone, _torch_load(path), path.name)
         pkg = OFFLINE_PACKAGES[backbone].replace('_', '-')
         src = dict(kind='offline', backbone=backbone, package=pkg, version=importlib.metadata.version(pkg),
                    file=path.name, sha1=_file_sha1(path))
@@ -163,6 +174,14 @@ PRESETS = {
                      mode='concat', align_stride=16),
     # embedded default (ECOSYSTEM.md "Decisions"): packaged Lite0 weights, strides 4/8/16/32, inception norm
     'offline': dict(backbone='tf_efficientnet_lite0', out_indices=(1, 2, 3, 4), input_size=256, weights='offline', norm='inception'),
+    # embedded offline CPU preset for HGAD: the authors' structure (`models/model.py:Encoder` in xcyao00/HGAD: one
+    # stride-16 stage on a 3-level image pyramid) on the packaged Lite0 weights; pyramid halved from 1024/512/256 for CPU
+    'hgad_offline': dict(backbone='tf_efficientnet_lite0', out_indices=(3,), input_size=512, weights='offline',
+                         norm='inception', mode='pyramid', pyramid=(512, 256, 128)),
+    # embedded offline CPU preset for HVQ-Trans: the authors' structure (`models/HVQ_TR_switch.py:HVQ_TR_switch` in
+    # RuiyingLu/HVQ-Trans: stride-2/4/8/16 stages upsampled to 14x14 at 224, concatenated) on the packaged Lite0
+    'hvqtrans_offline': dict(backbone='tf_efficientnet_lite0', out_indices=(0, 1, 2, 3), input_size=224,
+                             weights='offline', norm='inception', mode='concat', align_stride=16),
 }
 
 # %% ../nbs/02_features.ipynb #1be4b6d1
@@ -174,7 +193,7 @@ class FeatureExtractor(nn.Module):
                  backbone:str='tf_efficientnet_lite0', # timm model name
                  out_indices:tuple=(1, 2, 3, 4), # timm stage indices
                  input_size:int|tuple=256, # images are resized to this (H, W) before the backbone
-                 weights:str='offline', # 'timm' | 'offline' | 'random' | checkpoint path
+                 weights:str|None='offline', # 'timm' | 'offline' | 'random' | checkpoint path; None = 'offline'
                  norm:str|tuple|None=None, # 'imagenet' | 'inception' | (mean, std); None = the timm model's pretrained_cfg
                  mode:str='stages', # 'stages' | 'pyramid' | 'concat'
                  pyramid:tuple|None=None, # image sizes for mode='pyramid' (first = input_size)
@@ -205,6 +224,7 @@ class FeatureExtractor(nn.Module):
                     **overrides): # any constructor argument, e.g. weights='random', input_size=64
         "Build the extractor the authors of `name` used (see `PRESETS`), with `overrides` applied."
         if name not in PRESETS: raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        if overrides.get('weights', '') is None: del overrides['weights']  # weights=None: the preset's own
         kw = {**PRESETS[name], **overrides}
         if 'pyramid' in PRESETS[name] and 'input_size' in overrides and 'pyramid' not in overrides:
             # a smaller input keeps the pyramid's ratios (HGAD: 1, 1/2, 1/4 of the input)
