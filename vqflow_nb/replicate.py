@@ -19,9 +19,9 @@ from .core import (exists, default, project_root, provenance, record, seed_every
                             get_device, hash_dict, in_test, file_fingerprint)
 
 # %% auto #0
-__all__ = ['PARAMETERS', 'METHODS', 'METRIC_NAMES', 'register_method', 'build_method', 'make_extractor', 'resolve_data',
-           'synthetic_root', 'data_fingerprint', 'portable_path', 'train_classes', 'run_experiment', 'run_figures',
-           'run_id', 'compare_runs', 'replicate', 'load_runs', 'load_reported', 'collect', 'main']
+__all__ = ['PARAMETERS', 'METHODS', 'PUBLISHED_CLASSES', 'METRIC_NAMES', 'register_method', 'build_method', 'make_extractor',
+           'resolve_data', 'synthetic_root', 'data_fingerprint', 'portable_path', 'train_classes', 'run_experiment',
+           'run_figures', 'run_id', 'compare_runs', 'replicate', 'load_runs', 'load_reported', 'collect', 'main']
 
 # %% ../nbs/30_replicate.ipynb #ba7ed18c
 PARAMETERS = ('data_root', 'classes', 'method', 'variant', 'backbone', 'weights', 'image_size', 'epochs',
@@ -160,6 +160,13 @@ def _ran_config(model, sch) -> dict|None:
     return {k: (s[k] if k in s else v) for k, v in d.items()}
 
 # %% ../nbs/30_replicate.ipynb #18b4535b
+# the class lists of the published benchmarks: a run is *faithful* only on the whole published data set
+PUBLISHED_CLASSES = dict(
+    mvtec_ad=sorted(['bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather', 'metal_nut', 'pill', 'screw',
+                     'tile', 'toothbrush', 'transistor', 'wood', 'zipper']),
+    visa=sorted(['candle', 'capsules', 'cashew', 'chewinggum', 'fryum', 'macaroni1', 'macaroni2', 'pcb1', 'pcb2', 'pcb3',
+                 'pcb4', 'pipe_fryum']))
+
 def train_classes(root, classes=None) -> list:
     "The class names a run on `root` trains on (the training split's classes)."
     from vqflow_nb.data import scan_dataset
@@ -170,7 +177,8 @@ def _write_run(run:dict, a:dict) -> dict:
     res, model, ext, out_dir = run['fit'], run['model'], run['extractor'], run['out_dir']
     authors, size = METHODS[a['method']]['authors'], ext.input_size[0]
     faithful = (a['backbone_preset'] == authors['backbone'] and size == authors['image_size'] and
-                res.schedule.epochs == authors['epochs'] and a['weights_arg'] in (None, 'timm') and not a['small'])
+                res.schedule.epochs == authors['epochs'] and a['weights_arg'] in (None, 'timm') and not a['small']
+                and PUBLISHED_CLASSES.get(a['dataset']) == sorted(run['test_ds'].class_index))   # the published data set, whole
     degenerate = {k: res.degenerate.get(getattr(res, f'{k}_epoch')) for k in ('last', 'best')}
     if degenerate['last']: print(f"\n!!! DEGENERATE RUN: {degenerate['last']} — its numbers are NOT a result !!!\n", file=sys.stderr)
     train_classes = list(run['test_ds'].class_index)
