@@ -20,8 +20,9 @@ from .core import (exists, default, project_root, provenance, record, seed_every
 
 # %% auto #0
 __all__ = ['PARAMETERS', 'METHODS', 'PUBLISHED_CLASSES', 'METRIC_NAMES', 'register_method', 'build_method', 'make_extractor',
-           'resolve_data', 'synthetic_root', 'data_fingerprint', 'portable_path', 'train_classes', 'run_experiment',
-           'run_figures', 'run_id', 'compare_runs', 'replicate', 'load_runs', 'load_reported', 'collect', 'main']
+           'resolve_data', 'synthetic_root', 'data_fingerprint', 'portable_path', 'per_kind_table', 'train_classes',
+           'run_experiment', 'run_figures', 'run_id', 'compare_runs', 'replicate', 'load_runs', 'load_reported',
+           'collect', 'main']
 
 # %% ../nbs/30_replicate.ipynb #ba7ed18c
 PARAMETERS = ('data_root', 'classes', 'method', 'variant', 'backbone', 'weights', 'image_size', 'epochs',
@@ -159,6 +160,21 @@ def _ran_config(model, sch) -> dict|None:
     d, s = asdict(cfg), asdict(sch)
     return {k: (s[k] if k in s else v) for k, v in d.items()}
 
+# %% ../nbs/30_replicate.ipynb #105df693
+def per_kind_table(per:dict, # `collect_scores` output of the test set
+                   test_ds, # the test `AnomalyDataset` (its records name each image's defect kind)
+                  ) -> pd.DataFrame:
+    "Image and pixel AUROC per defect kind (good vs that kind, per class, then the mean over classes that have it)."
+    from vqflow_nb.metrics import defect_kind_metrics
+    cls = np.array([test_ds.class_index[r.cls_name] for r in test_ds.records])
+    kinds = np.array([r.defect if r.label else 'good' for r in test_ds.records])
+    c_order = sorted(per)   # collect_scores keeps the store's order within each class
+    cat = lambda k: np.concatenate([per[c][k] for c in c_order])
+    pixel = all(per[c]['has_mask'] and per[c]['masks'].any() for c in c_order)
+    return defect_kind_metrics(cat('labels'), cat('scores'), np.concatenate([kinds[cls == c] for c in c_order]),
+                               cat('masks') if pixel else None, cat('maps') if pixel else None,
+                               classes=np.concatenate([np.full((cls == c).sum(), c) for c in c_order]))
+
 # %% ../nbs/30_replicate.ipynb #18b4535b
 # the class lists of the published benchmarks: a run is *faithful* only on the whole published data set
 PUBLISHED_CLASSES = dict(
@@ -173,7 +189,8 @@ def train_classes(root, classes=None) -> list:
     return sorted({r.cls_name for r in scan_dataset(root, 'train', classes)})
 
 def _write_run(run:dict, a:dict) -> dict:
-    "Write metrics.json, env.json, the per-class tables and the history of a finished run; return the metrics."
+    "Write metrics.json, env.json, the per-class and per-defect-kind tables and the history of a run; return the metrics."
+    from vqflow_nb.train import collect_scores
     res, model, ext, out_dir = run['fit'], run['model'], run['extractor'], run['out_dir']
     authors, size = METHODS[a['method']]['authors'], ext.input_size[0]
     faithful = (a['backbone_preset'] == authors['backbone'] and size == authors['image_size'] and
@@ -197,6 +214,10 @@ def _write_run(run:dict, a:dict) -> dict:
                    best_per_metric=res.best_per_metric(), seconds=time.time() - a['t_start'])
     record(out_dir, 'env', provenance(run['device'], seed=a['seed'], weights=ext.weights_source, variant=a['variant'],
                                       extractor=ext.config))
+    run['scores'] = collect_scores(model, run['test_features'], device=run['device'], progress=False)   # the last model's
+    kinds = per_kind_table(run['scores'], run['test_ds'])
+    metrics['per_defect_kind'] = {k: {m: (None if pd.isna(v) else float(v)) for m, v in r.items()} for k, r in kinds.iterrows()}
+    kinds.rename_axis('defect_kind').to_csv(out_dir/'per_defect_kind.csv')
     res.last.rename_axis('class').to_csv(out_dir/'per_class.csv')
     res.best.rename_axis('class').to_csv(out_dir/'per_class_best.csv')
     pd.DataFrame(res.history).to_csv(out_dir/'history.csv', index=False)
@@ -246,7 +267,8 @@ def run_figures(run:dict, # the output of `run_experiment`
     model, store, ds, dev = run['model'], run['test_features'], run['test_ds'], run['device']
     figs = dict(bars=viz.plot_class_bars(run['fit'].last))
     # one batched scoring pass (as in evaluation); collect_scores keeps the store's order within each class
-    per, cls = collect_scores(model, store, device=dev, progress=False), np.asarray(store.cls_index)
+    per = run.get('scores') or collect_scores(model, store, device=dev, progress=False)
+    cls = np.asarray(store.cls_index)
     labels, scores, where = np.asarray(store.labels), np.empty(len(store)), {}
     for c, d in per.items():
         idx = np.flatnonzero(cls == c); scores[idx] = d['scores']
@@ -469,6 +491,15 @@ def _markdown_block(g:pd.DataFrame) -> str:
     src = ', '.join(sorted(g['reported_source'].dropna().unique()))
     return head + '\n' + '\n'.join(lines) + (f'\n\nReported numbers: {src} (see `results/reported.csv`).\n' if src else '\n')
 
+def _kinds_block(run_dir:Path) -> str:
+    "The run's image/pixel AUROC per defect kind (from per_defect_kind.csv), as a markdown table; '' if none."
+    fn = run_dir/'per_defect_kind.csv'
+    if not fn.exists(): return ''
+    k = pd.read_csv(fn, index_col=0)
+    rows = [f"| {i} | {_fmt(r['i_auroc'])} | {_fmt(r['p_auroc'])} | {int(r['n_defective'])} |" for i, r in k.iterrows()]
+    return ('\nPer defect kind (good vs that kind, per class, mean over the classes that have it), ×100:\n\n'
+            '| defect kind | I-AUROC | P-AUROC | images |\n|---|---|---|---|\n' + '\n'.join(rows) + '\n')
+
 def collect(results:str|Path|None=None, # the results folder
             reported:str|Path|None=None, # published numbers (default: results/reported.csv)
             plots:bool=True) -> pd.DataFrame:
@@ -483,7 +514,7 @@ def collect(results:str|Path|None=None, # the results folder
     tables = results/'tables'; tables.mkdir(parents=True, exist_ok=True)
     for ds, g in df.groupby('dataset'):
         g.to_csv(tables/f'{ds}.csv', index=False)
-        blocks = [_markdown_block(gg) for _, gg in g.groupby(['method', 'run_id'], sort=True)]
+        blocks = [_markdown_block(gg) + _kinds_block(results/ds/m/rid) for (m, rid), gg in g.groupby(['method', 'run_id'], sort=True)]
         (tables/f'{ds}.md').write_text(f'## {ds}\n\n' + '\n'.join(blocks))
         if plots and g['delta'].notna().any(): _delta_figure(g, tables/f'{ds}_delta.png')
     return df
