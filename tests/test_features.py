@@ -68,7 +68,7 @@ def _dataset(root, n=6, size=32):
         def __len__(self): return n
         def __getitem__(self, i):
             img = torch.from_numpy(np.array(Image.open(recs[i].path))).permute(2, 0, 1).float() / 255
-            return SimpleNamespace(image=img, mask=torch.zeros(1, size, size), label=i % 2, cls_index=0,
+            return SimpleNamespace(image=img, mask=torch.zeros(1, size, size), label=i % 2, cls_index=0, cls_name='a',
                                    path=str(recs[i].path), has_mask=False)
     return DS()
 

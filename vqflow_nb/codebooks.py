@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from einops import rearrange, repeat
 
-from .core import exists, default
+from fastcore.basics import patch
+from .core import exists, default, codebook_perplexity
 from .flows import positional_encoding_2d
 
 # %% auto #0
@@ -24,9 +25,9 @@ class EMACodebook(nn.Module):
     def __init__(self,
                  num_codes:int, # K, number of codes (VQ-Flow: 32 for the CPC, 512 for each CSPC; HVQ-Trans: 512)
                  dim:int, # code dimension (last axis of the input)
-                 decay:float=0.99, # EMA decay gamma [code: rosinality `Quantize(decay=0.99)`, METHODS §1.2]
-                 eps:float=1e-5, # Laplace smoothing of the cluster sizes [code: `Quantize(eps=1e-5)`]
-                 thresh:float=1e-6, # usage fraction below which `reassign_dead_codes` treats a code as dead [code: `Quantize(thresh=1e-6)`; the CPC passes 1e-4]
+                 decay:float=0.99, # EMA decay gamma (code: `models/quantize.py:Quantize.__init__` default)
+                 eps:float=1e-5, # Laplace smoothing of the cluster sizes (code: `Quantize.__init__` default)
+                 thresh:float=1e-6, # usage fraction below which `reassign_dead_codes` treats a code as dead (`Quantize` default; the CPC passes 1e-4)
                 ):
         super().__init__()
         if num_codes < 1 or dim < 1: raise ValueError(f"EMACodebook: num_codes={num_codes} and dim={dim} must be >= 1")
@@ -39,40 +40,48 @@ class EMACodebook(nn.Module):
         # usage counts are bookkeeping, not model state: keep them out of the state dict
         self.register_buffer('usage_counts', torch.zeros(num_codes), persistent=False)
 
-    @property
-    def codes(self) -> Tensor:
-        "The codebook as (K, dim)."
-        return self.embed.t()
+@patch(as_prop=True)
+def codes(self:EMACodebook) -> Tensor:
+    "The codebook as (K, dim)."
+    return self.embed.t()
 
-    def extra_repr(self): return f'num_codes={self.num_codes}, dim={self.dim}, decay={self.decay}, eps={self.eps}'
+@patch
+def extra_repr(self:EMACodebook): return f'num_codes={self.num_codes}, dim={self.dim}, decay={self.decay}, eps={self.eps}'
 
-    def nearest(self, flat:Tensor) -> Tensor:
-        "Index of the nearest code (squared L2) for each row of `flat` (N, dim)."
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed + self.embed.pow(2).sum(0, keepdim=True)
-        return dist.argmin(1)  # ties -> lowest index, like the authors' (-dist).max(1)
+# %% ../nbs/05_codebooks.ipynb #8f7af268
+@patch
+def nearest(self:EMACodebook, flat:Tensor) -> Tensor:
+    "Index of the nearest code (squared L2) for each row of `flat` (N, dim)."
+    dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed + self.embed.pow(2).sum(0, keepdim=True)
+    return dist.argmin(1)  # ties -> lowest index, like the authors' (-dist).max(1)
 
-    @torch.no_grad()
-    def _ema_update(self, flat:Tensor, ind:Tensor):
-        counts = torch.bincount(ind, minlength=self.num_codes).to(flat.dtype)
-        sums = torch.zeros(self.num_codes, self.dim, dtype=flat.dtype, device=flat.device).index_add_(0, ind, flat)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(sums.t(), alpha=1 - self.decay)
-        n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
-        self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
-        self.usage_counts.add_(counts)
+# %% ../nbs/05_codebooks.ipynb #a2d7d0f6
+@patch
+@torch.no_grad()
+def _ema_update(self:EMACodebook, flat:Tensor, ind:Tensor):
+    "Update N_k, m_k and the codes e_k = m_k / smoothed N_k from a batch `flat` (N, dim) assigned to `ind` (N,)."
+    counts = torch.bincount(ind, minlength=self.num_codes).to(flat.dtype)
+    sums = torch.zeros(self.num_codes, self.dim, dtype=flat.dtype, device=flat.device).index_add_(0, ind, flat)
+    self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+    self.embed_avg.mul_(self.decay).add_(sums.t(), alpha=1 - self.decay)
+    n = self.cluster_size.sum()
+    smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
+    self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
+    self.usage_counts.add_(counts)
 
-    def forward(self, x:Tensor, # input (..., dim), any leading shape
-               ) -> tuple[Tensor, Tensor, Tensor]:
-        "Quantise `x`: (straight-through quantised x, code indices (...), commitment loss scalar)."
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"EMACodebook.forward: last axis of x is {x.shape[-1]}, expected dim={self.dim} (shape {tuple(x.shape)})")
-        flat = x.reshape(-1, self.dim)
-        ind = self.nearest(flat.detach())
-        q = F.embedding(ind, self.codes).view_as(x)  # looked up BEFORE the EMA step, as in the authors' code
-        if self.training: self._ema_update(flat.detach(), ind)
-        commit = (q.detach() - x).pow(2).mean()
-        return x + (q - x).detach(), ind.view(x.shape[:-1]), commit
+# %% ../nbs/05_codebooks.ipynb #48c4c58b
+@patch
+def forward(self:EMACodebook, x:Tensor, # input (..., dim), any leading shape
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    "Quantise `x`: (straight-through quantised x, code indices (...), commitment loss scalar)."
+    if x.shape[-1] != self.dim:
+        raise ValueError(f"EMACodebook.forward: last axis of x is {x.shape[-1]}, expected dim={self.dim} (shape {tuple(x.shape)})")
+    flat = x.reshape(-1, self.dim)
+    ind = self.nearest(flat.detach())
+    q = F.embedding(ind, self.codes).view_as(x)  # looked up BEFORE the EMA step, as in the authors' code
+    if self.training: self._ema_update(flat.detach(), ind)
+    commit = (q.detach() - x).pow(2).mean()
+    return x + (q - x).detach(), ind.view(x.shape[:-1]), commit
 
 # %% ../nbs/05_codebooks.ipynb #d9f3307c
 @torch.no_grad()
@@ -85,8 +94,10 @@ def _kmeanspp(x:Tensor, k:int, generator:torch.Generator|None=None) -> Tensor:
         idx.append(i); d2 = torch.minimum(d2, (x - x[i]).pow(2).sum(1))
     return x[idx].clone()
 
+# %% ../nbs/05_codebooks.ipynb #a2823b92
+@patch
 @torch.no_grad()
-def _init_codes(self:EMACodebook, x:Tensor, # sample of inputs (..., dim), at least num_codes rows
+def init_codes(self:EMACodebook, x:Tensor, # sample of inputs (..., dim), at least num_codes rows
                generator:torch.Generator|None=None, # for reproducible seeding
               ) -> EMACodebook:
     "Seed the codes with k-means++ on `x`, each counted as one assigned vector (not in the authors' code)."
@@ -97,32 +108,31 @@ def _init_codes(self:EMACodebook, x:Tensor, # sample of inputs (..., dim), at le
     # every code far out on the first EMA step (see "first-batch blow-up" below)
     self.embed.copy_(c.t()); self.embed_avg.copy_(c.t()); self.cluster_size.fill_(1.)
     return self
-EMACodebook.init_codes = _init_codes
 
 # %% ../nbs/05_codebooks.ipynb #b74b7d2c
+@patch
 @torch.no_grad()
-def _usage(self:EMACodebook, normalize:bool=False) -> Tensor:
+def usage(self:EMACodebook, normalize:bool=False) -> Tensor:
     "Assignment counts per code since the last `reset_usage` (training forwards only); fractions if `normalize`."
     c = self.usage_counts.clone()
     return c / c.sum().clamp_min(1) if normalize else c
 
+@patch
 @torch.no_grad()
-def _perplexity(self:EMACodebook, counts:Tensor|None=None) -> float:
-    "exp(entropy) of the code-usage distribution (K = uniform, 1 = collapsed)."
-    c = default(counts, self.usage_counts).float()
-    if c.sum() <= 0: return float('nan')
-    p = c / c.sum()
-    return math.exp(-(p * p.clamp_min(1e-30).log()).sum().item())
+def perplexity(self:EMACodebook, counts:Tensor|None=None) -> float:
+    "exp(entropy) of the code usage (`core.codebook_perplexity`); NaN while nothing has been counted."
+    c = default(counts, self.usage_counts)
+    return codebook_perplexity(c) if float(c.sum()) > 0 else float('nan')
 
-def _reset_usage(self:EMACodebook):
+@patch
+def reset_usage(self:EMACodebook):
     "Zero the usage counts (call at the start of each epoch)."
     self.usage_counts.zero_()
 
-EMACodebook.usage, EMACodebook.perplexity, EMACodebook.reset_usage = _usage, _perplexity, _reset_usage
-
 # %% ../nbs/05_codebooks.ipynb #01fdfa59
+@patch
 @torch.no_grad()
-def _reassign_dead_codes(self:EMACodebook,
+def reassign_dead_codes(self:EMACodebook,
                         threshold:float|None=None, # usage fraction below which a code is dead (default: `self.thresh`)
                         counts:Tensor|None=None, # usage histogram to judge by (default: `self.usage_counts`)
                         noise:float=0., # std of Gaussian noise added to the copies, relative to the codes' RMS [code: 0, exact copies]
@@ -153,7 +163,6 @@ def _reassign_dead_codes(self:EMACodebook,
         smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
         self.embed_avg[:, dead] = new * smoothed[dead]  # so that embed_avg / N reproduces `new`
     return len(dead)
-EMACodebook.reassign_dead_codes = _reassign_dead_codes
 
 # %% ../nbs/05_codebooks.ipynb #0c4e3e16
 class CPC(nn.Module):
@@ -211,68 +220,83 @@ class CSPC(nn.Module):
     def __init__(self,
                  in_channels:int, # channels C_l of this scale's feature map
                  sem_channels:int|None=576, # channels of the shared semantic map passed to forward; None = no top-down term (the fusion CSPC)
-                 proto_dim:int=512, # prototype dimension [code: `--dim-cpc 512`]
-                 pe_dim:int=64, # positional-encoding channels [code: `--c-pos-conds 64`]
-                 num_codes:int=512, # pattern codes [code: `--k-cspc 512`]
-                 quantize:str='residual', # 'residual' (README commands) or 'naive' [code: `--quantize-type`]
-                 decay:float=0.99, eps:float=1e-5, # EMA settings [code: Quantize defaults]
-                 thresh:float=1e-6, # dead-code threshold [code: `Quantize(dim_cspc, k_cspc, thresh=1e-6)`]
+                 proto_dim:int=512, # prototype dimension (code: `main.py:parsing_args` --dim-cpc)
+                 pe_dim:int=64, # positional-encoding channels (code: --c-pos-conds)
+                 num_codes:int=512, # pattern codes (code: --k-cspc)
+                 quantize:str='residual', # 'residual' (README commands) or 'naive' (code: --quantize-type)
+                 decay:float=0.99, eps:float=1e-5, # EMA settings (code: `Quantize` defaults)
+                 thresh:float=1e-6, # dead-code threshold (code: `train.py:train` builds `Quantize(dim_cspc, k_cspc, thresh=1e-6)`)
                 ):
         super().__init__()
         if quantize not in ('residual', 'naive'): raise ValueError(f"CSPC: quantize={quantize!r}, expected 'residual' or 'naive'")
         self.in_channels, self.sem_channels, self.proto_dim, self.pe_dim, self.quantize = in_channels, sem_channels, proto_dim, pe_dim, quantize
         self.code_dim = proto_dim + pe_dim
-        width = self.code_dim if quantize == 'residual' else proto_dim  # naive concatenates the PE after the MLP
-        self.width = width
+        self.width = width = self.code_dim if quantize == 'residual' else proto_dim  # naive concatenates the PE after the MLP
         self.feature_mlp = nn.Sequential(
             nn.Conv2d(in_channels, width, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.Conv2d(width, width, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        # [code] upsamplers[l] = Upsample(bilinear, align_corners=False) then a 1x1 conv; the upsampling is done in forward
+        # [code] upsamplers[l] = Upsample(bilinear, align_corners=False) then a 1x1 conv; the upsampling is done in `_local`
         self.upsampler = nn.Conv2d(sem_channels, width, 1) if exists(sem_channels) else None
         self.codebook = EMACodebook(num_codes, self.code_dim, decay=decay, eps=eps, thresh=thresh)
 
-    @property
-    def cond_channels(self) -> int: return self.code_dim + self.proto_dim
+@patch(as_prop=True)
+def cond_channels(self:CSPC) -> int: return self.code_dim + self.proto_dim
 
-    def forward(self,
-                feat:Tensor, # this scale's feature map (B, C_l, H, W)
-                sem:Tensor|None, # shared semantic map (B, sem_channels, h, w) = SemanticEncoder(top map), or None if sem_channels is None
-                proto:Tensor, # conceptual prototypes (B, proto_dim) from the CPC
-               ) -> dict:
-        "Flow condition of this scale: dict(cond (B, code_dim+proto_dim, H, W), index (B,H,W), commit, pattern)."
-        if feat.ndim != 4 or feat.shape[1] != self.in_channels:
-            raise ValueError(f"CSPC.forward: feat must be (B, {self.in_channels}, H, W), got {tuple(feat.shape)}")
-        B, _, H, W = feat.shape
-        if proto.shape != (B, self.proto_dim):
-            raise ValueError(f"CSPC.forward: proto must be ({B}, {self.proto_dim}), got {tuple(proto.shape)}")
-        if exists(self.upsampler) != exists(sem):
-            raise ValueError(f"CSPC.forward: sem must be {'a (B, %d, h, w) map' % self.sem_channels if exists(self.upsampler) else 'None'} "
-                             f"(built with sem_channels={self.sem_channels})")
-        h = self.feature_mlp(feat)
-        if exists(sem):
-            if sem.ndim != 4 or sem.shape[:2] != (B, self.sem_channels):
-                raise ValueError(f"CSPC.forward: sem must be ({B}, {self.sem_channels}, h, w), got {tuple(sem.shape)}")
-            # equals the authors' Upsample(scale_factor=2**k) when H, W are exact multiples of the top size
-            h = h + self.upsampler(F.interpolate(sem, size=(H, W), mode='bilinear', align_corners=False))
-        pe = repeat(positional_encoding_2d(self.pe_dim, H, W).to(h), 'c h w -> b c h w', b=B)
-        p = repeat(proto, 'b c -> b c h w', h=H, w=W)
-        if self.quantize == 'residual':
-            anchor = torch.cat([pe, p], 1)
-            qr, index, commit = self.codebook(rearrange(h - anchor, 'b c h w -> b h w c'))
-            pattern = anchor + rearrange(qr, 'b h w c -> b c h w')
-        else:
-            qx, index, commit = self.codebook(rearrange(torch.cat([h, pe], 1), 'b c h w -> b h w c'))
-            pattern = rearrange(qx, 'b h w c -> b c h w')
-        return dict(cond=torch.cat([pattern, p], 1), index=index, commit=commit, pattern=pattern)
+# %% ../nbs/05_codebooks.ipynb #3ac960bf
+@patch
+def _check(self:CSPC, feat:Tensor, sem:Tensor|None, proto:Tensor):
+    "Raise a clear error for inputs of the wrong shape (or a semantic map given to / missing from this CSPC)."
+    if feat.ndim != 4 or feat.shape[1] != self.in_channels:
+        raise ValueError(f"CSPC.forward: feat must be (B, {self.in_channels}, H, W), got {tuple(feat.shape)}")
+    B = feat.shape[0]
+    if proto.shape != (B, self.proto_dim):
+        raise ValueError(f"CSPC.forward: proto must be ({B}, {self.proto_dim}), got {tuple(proto.shape)}")
+    if exists(self.upsampler) != exists(sem):
+        raise ValueError(f"CSPC.forward: sem must be {'a (B, %d, h, w) map' % self.sem_channels if exists(self.upsampler) else 'None'} "
+                         f"(built with sem_channels={self.sem_channels})")
+    if exists(sem) and (sem.ndim != 4 or sem.shape[:2] != (B, self.sem_channels)):
+        raise ValueError(f"CSPC.forward: sem must be ({B}, {self.sem_channels}, h, w), got {tuple(sem.shape)}")
+
+# %% ../nbs/05_codebooks.ipynb #51a6469d
+@patch
+def _local(self:CSPC, feat:Tensor, sem:Tensor|None) -> Tensor:
+    "h = feature_mlp(feat) + upsampler(bilinear(sem)) (no top-down term without `sem`)."
+    h = self.feature_mlp(feat)
+    if exists(sem):
+        # equals the authors' Upsample(scale_factor=2**k) when H, W are exact multiples of the top size
+        h = h + self.upsampler(F.interpolate(sem, size=feat.shape[-2:], mode='bilinear', align_corners=False))
+    return h
+
+# %% ../nbs/05_codebooks.ipynb #489d5f53
+@patch
+def forward(self:CSPC,
+            feat:Tensor, # this scale's feature map (B, C_l, H, W)
+            sem:Tensor|None, # shared semantic map (B, sem_channels, h, w) = SemanticEncoder(top map), or None if sem_channels is None
+            proto:Tensor, # conceptual prototypes (B, proto_dim) from the CPC
+           ) -> dict:
+    "Flow condition of this scale: dict(cond (B, code_dim+proto_dim, H, W), index (B,H,W), commit, pattern)."
+    self._check(feat, sem, proto)
+    B, _, H, W = feat.shape
+    h = self._local(feat, sem)
+    pe = repeat(positional_encoding_2d(self.pe_dim, H, W).to(h), 'c h w -> b c h w', b=B)
+    p = repeat(proto, 'b c -> b c h w', h=H, w=W)
+    if self.quantize == 'residual':
+        anchor = torch.cat([pe, p], 1)
+        qr, index, commit = self.codebook(rearrange(h - anchor, 'b c h w -> b h w c'))
+        pattern = anchor + rearrange(qr, 'b h w c -> b c h w')
+    else:
+        qx, index, commit = self.codebook(rearrange(torch.cat([h, pe], 1), 'b c h w -> b h w c'))
+        pattern = rearrange(qx, 'b h w c -> b c h w')
+    return dict(cond=torch.cat([pattern, p], 1), index=index, commit=commit, pattern=pattern)
 
 # %% ../nbs/05_codebooks.ipynb #d7efb090
 class HierarchicalCodebooks(nn.Module):
     "CPC + shared semantic encoder + one CSPC per flow scale + one for the fusion condition (VQ-Flow wiring)."
     def __init__(self,
-                 channels:list[int], # channels of all backbone stages, the last is the top map [code: convnextv2_base 128,256,512,1024]
-                 proto_dim:int=512, num_cpc:int=32, # CPC size [code: `--dim-cpc 512 --k-cpc 32`]
-                 pe_dim:int=64, num_cspc:int=512, # CSPC size [code: `--c-pos-conds 64 --k-cspc 512`]
-                 quantize:str='residual', # [code: README `--quantize-type residual --concat-pos`]
+                 channels:list[int], # channels of all backbone stages, the last is the top map (code: convnextv2_base 128,256,512,1024)
+                 proto_dim:int=512, num_cpc:int=32, # CPC size (code: `main.py:parsing_args` --dim-cpc 512, --k-cpc 32)
+                 pe_dim:int=64, num_cspc:int=512, # CSPC size (code: --c-pos-conds 64, --k-cspc 512)
+                 quantize:str='residual', # README commands: `--quantize-type residual --concat-pos`
                 ):
         super().__init__()
         if len(channels) < 2: raise ValueError(f"HierarchicalCodebooks: channels={channels} needs >= 2 stages (flow scales + top)")
@@ -290,16 +314,18 @@ class HierarchicalCodebooks(nn.Module):
         "All EMA codebooks: CPC first, then the scale CSPCs, then the fusion CSPC (the authors' order)."
         return [self.cpc.codebook, *[c.codebook for c in self.cspcs], self.top_cspc.codebook]
 
-    def forward(self, feats:list[Tensor], # pooled maps of the flow scales, then the (unpooled) top map
-               ) -> dict:
-        "dict(conds per scale, fusion_cond, proto, proto_index, indices per CSPC, commit = sum of all commitments)."
-        if len(feats) != len(self.channels):
-            raise ValueError(f"HierarchicalCodebooks.forward: got {len(feats)} maps, expected {len(self.channels)} (scales + top)")
-        top = feats[-1]
-        c = self.cpc(top)
-        sem = self.semantic_encoder(top)
-        outs = [m(f, sem, c['proto']) for m, f in zip(self.cspcs, feats[:-1])]
-        fus = self.top_cspc(top, None, c['proto'])
-        return dict(conds=[o['cond'] for o in outs], fusion_cond=fus['cond'], proto=c['proto'], s=c['s'],
-                    proto_index=c['index'], indices=[o['index'] for o in outs] + [fus['index']],
-                    commit=c['commit'] + sum(o['commit'] for o in outs) + fus['commit'])
+# %% ../nbs/05_codebooks.ipynb #a0df20ce
+@patch
+def forward(self:HierarchicalCodebooks, feats:list[Tensor], # pooled maps of the flow scales, then the (unpooled) top map
+           ) -> dict:
+    "dict(conds per scale, fusion_cond, proto, proto_index, indices per CSPC, commit = sum of all commitments)."
+    if len(feats) != len(self.channels):
+        raise ValueError(f"HierarchicalCodebooks.forward: got {len(feats)} maps, expected {len(self.channels)} (scales + top)")
+    top = feats[-1]
+    c = self.cpc(top)
+    sem = self.semantic_encoder(top)
+    outs = [m(f, sem, c['proto']) for m, f in zip(self.cspcs, feats[:-1])]
+    fus = self.top_cspc(top, None, c['proto'])
+    return dict(conds=[o['cond'] for o in outs], fusion_cond=fus['cond'], proto=c['proto'], s=c['s'],
+                proto_index=c['index'], indices=[o['index'] for o in outs] + [fus['index']],
+                commit=c['commit'] + sum(o['commit'] for o in outs) + fus['commit'])

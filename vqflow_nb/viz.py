@@ -10,10 +10,10 @@ import matplotlib
 import matplotlib.pyplot as plt
 import seaborn as sns
 from skimage.transform import resize
-from .core import exists, default
+from .core import exists, default, codebook_perplexity
 
 # %% auto #0
-__all__ = ['to_hwc', 'show_overlays', 'plot_class_bars', 'plot_score_hist', 'codebook_perplexity', 'plot_codebook_usage']
+__all__ = ['to_hwc', 'show_overlays', 'pick_cases', 'plot_class_bars', 'plot_score_hist', 'plot_codebook_usage']
 
 # %% ../nbs/03a_viz.ipynb #4cbd06a0
 def _np(x) -> np.ndarray:
@@ -39,54 +39,101 @@ def _to_hw(x, name:str) -> np.ndarray:
     return a
 
 # %% ../nbs/03a_viz.ipynb #27fc3fa2
+def _color_ranges(maps:list, # (H,W) maps
+                  groups:list, # a group key per map (the class name; one group for "global", one per map for "per_image")
+                  ranges:dict|None=None, # group -> (lo, hi) to use instead of the shown maps' range
+                 ) -> list[tuple[float, float]]:
+    "The (lo, hi) colour range of each map: its group's given range, or the min/max over the group's maps."
+    ranges = dict(ranges or {})
+    for g in set(groups):
+        if g not in ranges:
+            ms = [m for m, k in zip(maps, groups) if k == g]
+            ranges[g] = (float(min(m.min() for m in ms)), float(max(m.max() for m in ms)))
+    return [ranges[g] for g in groups]
+
+# %% ../nbs/03a_viz.ipynb #3c1bdf88
 def show_overlays(images, # sequence or (N,3,H,W)/(N,H,W,3) batch of images
                   maps, # (N,h,w) or (N,1,h,w) anomaly maps (resized to the image size for display)
                   masks=None, # (N,H,W) GT masks drawn as a white contour, or None
                   titles=None, # one title per sample, or None
                   ncols:int=4, # samples per row
                   alpha:float=0.5, # weight of the heat map over the image (anomalib's overlay uses 0.4-0.5)
-                  norm:str="per_image", # "per_image" min-max, or "global" (one colour scale over the batch: comparable colours)
+                  norm:str="per_class", # "per_class" (one scale per class), "global" (one scale for all) or "per_image" (min-max each)
+                  classes=None, # class name per sample for norm="per_class"; None = all one class
+                  ranges:dict|None=None, # class -> (lo, hi) colour range (e.g. over the class's whole test set); None = shown maps
                   with_image:bool=True, # also show the plain image next to each overlay (2 axes per sample)
+                  colorbar:bool=True, # a colour bar (in score units) beside each overlay
                   size:float=2.2, # inches per panel
                  ) -> matplotlib.figure.Figure:
     "Plot each image with its anomaly map as a jet overlay and the GT outline; return the figure."
     maps = [_to_hw(m, "maps") for m in (maps if not hasattr(maps, "shape") or _np(maps).ndim > 2 else [maps])]
     n = len(maps)
-    if len(images) != n: raise ValueError(f"images: {len(images)} images for {n} maps")
-    if exists(masks) and len(masks) != n: raise ValueError(f"masks: {len(masks)} masks for {n} maps")
-    if exists(titles) and len(titles) != n: raise ValueError(f"titles: {len(titles)} titles for {n} maps")
-    if norm not in ("per_image", "global"): raise ValueError(f"norm must be 'per_image' or 'global', got {norm!r}")
-    lo, hi = (min(m.min() for m in maps), max(m.max() for m in maps)) if norm == "global" else (None, None)
+    for name, v in (("images", images), ("masks", masks), ("titles", titles), ("classes", classes)):
+        if exists(v) and len(v) != n: raise ValueError(f"{name}: {len(v)} {name} for {n} maps")
+    if norm not in ("per_class", "global", "per_image"): raise ValueError(f"norm must be 'per_class', 'global' or 'per_image', got {norm!r}")
+    groups = (list(classes) if exists(classes) else ["all"] * n) if norm == "per_class" else (["all"] * n if norm == "global" else list(range(n)))
+    lims = _color_ranges(maps, groups, ranges if norm == "per_class" else None)
     per = 2 if with_image else 1
     ncols = max(1, min(ncols, n)); nrows = -(-n // ncols)
-    fig, axs = plt.subplots(nrows, ncols * per, figsize=(size * ncols * per, size * nrows), squeeze=False)
+    fig, axs = plt.subplots(nrows, ncols * per, figsize=(size * ncols * per * (1.12 if colorbar else 1), size * nrows), squeeze=False)
     for i in range(n):
-        img = to_hwc(images[i]); H, W = img.shape[:2]
-        m = maps[i] if maps[i].shape == (H, W) else resize(maps[i], (H, W), order=1, preserve_range=True)
-        a, b = (m.min(), m.max()) if norm == "per_image" else (lo, hi)
-        m = (m - a) / max(b - a, 1e-12)
-        r, c = divmod(i, ncols)
-        panels = axs[r, c * per:(c + 1) * per]
-        if with_image: panels[0].imshow(img)
-        panels[-1].imshow(img); panels[-1].imshow(m, cmap="jet", alpha=alpha, vmin=0, vmax=1)
-        if exists(masks):
-            mk = _to_hw(masks[i], "masks")
-            if mk.shape != (H, W): mk = resize(mk, (H, W), order=0, preserve_range=True)
-            if mk.max() > 0.5:
-                for ax in panels: ax.contour(mk > 0.5, levels=[0.5], colors="white", linewidths=1)
-        if exists(titles): panels[0].set_title(str(titles[i]), fontsize=8)
+        panels = axs[divmod(i, ncols)[0], divmod(i, ncols)[1] * per:(divmod(i, ncols)[1] + 1) * per]
+        _draw_overlay(panels, to_hwc(images[i]), maps[i], lims[i], alpha, colorbar, norm,
+                      None if masks is None else masks[i], None if titles is None else titles[i])
     for ax in axs.flat: ax.set_axis_off()
     for k in range(n * per, nrows * ncols * per):   # drop empty panels so len(fig.axes) counts the drawn ones
         fig.delaxes(axs.flat[k])
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03a_viz.ipynb #3c1bdf88
+# %% ../nbs/03a_viz.ipynb #2bf7d88e
+def _draw_overlay(panels, img, m, lim, alpha, colorbar, norm, mask=None, title=None):
+    "Draw image (+ overlay) panels for one sample; the colour bar is an inset of the overlay panel."
+    H, W = img.shape[:2]
+    if m.shape != (H, W): m = resize(m, (H, W), order=1, preserve_range=True)
+    lo, hi = lim
+    if hi <= lo: hi = lo + 1e-12
+    if len(panels) == 2: panels[0].imshow(img)
+    panels[-1].imshow(img); im = panels[-1].imshow(m, cmap="jet", alpha=alpha, vmin=lo, vmax=hi)
+    if exists(mask):
+        mk = _to_hw(mask, "masks")
+        if mk.shape != (H, W): mk = resize(mk, (H, W), order=0, preserve_range=True)
+        if mk.max() > 0.5:
+            for ax in panels: ax.contour(mk > 0.5, levels=[0.5], colors="white", linewidths=1)
+    if colorbar:
+        cb = panels[-1].figure.colorbar(im, cax=panels[-1].inset_axes([1.03, 0.0, 0.06, 1.0]))
+        cb.ax.tick_params(labelsize=6)
+        if norm == "per_image": cb.set_label("min-max of this image", fontsize=6)
+    if exists(title): panels[0].set_title(str(title), fontsize=8)
+
+# %% ../nbs/03a_viz.ipynb #5280c745
+def pick_cases(labels, # (N,) 0 normal / 1 defective
+               scores, # (N,) image scores, higher = more anomalous
+               cls=None, # (N,) class of each image (captions compare within a class); None = one class
+               n_best:int=3, # highest-scored defects
+               n_low:int=3, # lowest-scored defects
+               n_alarms:int=3, # highest-scored normal images
+              ) -> list[tuple[int, str]]:
+    "(index, caption) of the highest- and lowest-scored defects and the highest-scored normal images, honestly named."
+    y, s = np.asarray(labels).astype(int).ravel(), np.asarray(scores, dtype=np.float64).ravel()
+    c = np.zeros_like(y) if cls is None else np.asarray(cls).ravel()
+    if not (len(y) == len(s) == len(c)): raise ValueError(f"labels, scores and cls differ in length: {len(y)}, {len(s)}, {len(c)}")
+    top_normal = {k: s[(c == k) & (y == 0)].max(initial=-np.inf) for k in np.unique(c)}
+    low_defect = {k: s[(c == k) & (y == 1)].min(initial=np.inf) for k in np.unique(c)}
+    bad, good = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    out = [(int(i), "highest-scored defect") for i in bad[np.argsort(-s[bad], kind="stable")][:n_best]]
+    out += [(int(i), "missed defect" if s[i] <= top_normal[c[i]] else "lowest-scored defect")
+            for i in bad[np.argsort(s[bad], kind="stable")][:n_low]]
+    out += [(int(i), "false alarm" if s[i] >= low_defect[c[i]] else "highest-scored normal")
+            for i in good[np.argsort(-s[good], kind="stable")][:n_alarms]]
+    return out
+
+# %% ../nbs/03a_viz.ipynb #f1e4677b
 def plot_class_bars(df:pd.DataFrame, # `evaluate_classes` output: one row per class (+ `mean`), metric columns in [0,1]
                     metrics=("i_auroc", "p_auroc", "aupro"), # columns to draw, one hue each
-                    title:str|None=None,
+                    title:str|None="per-class metrics", # figure title (a default one rather than none)
                     percent:bool=True, # show ×100, as the papers print
-                    ylim:tuple|None=None, # y range; default: from just below the lowest bar to 100
+                    ylim:tuple|None=None, # y range; default: from just below the lowest bar to a little above 100
                    ) -> matplotlib.figure.Figure:
     "Bar chart of per-class metrics (and the class mean) from an `evaluate_classes` table; return the figure."
     missing = [m for m in metrics if m not in df.columns]
@@ -97,19 +144,20 @@ def plot_class_bars(df:pd.DataFrame, # `evaluate_classes` output: one row per cl
     fig, ax = plt.subplots(figsize=(max(4, 0.55 * len(df) * max(1, len(metrics) / 2)), 3))
     sns.barplot(data=long, x="class", y="value", hue="metric", ax=ax)
     top = 100 if percent else 1
-    lo = default(ylim, (max(0, long["value"].min() - 0.1 * top) if len(long) else 0, top))
+    lo = default(ylim, (max(0, long["value"].min() - 0.1 * top) if len(long) else 0, 1.02 * top))  # headroom above 100
     ax.set_ylim(*lo); ax.set_xlabel(""); ax.set_ylabel("%" if percent else "value")
+    ax.axhline(top, color="gray", lw=0.5)
     ax.tick_params(axis="x", rotation=45, labelsize=8)
     if "mean" in df.index: ax.axvline(len(df) - 1.5, color="gray", lw=0.8, ls="--")   # separates the class mean
     if title: ax.set_title(title)
-    ax.legend(fontsize=7, ncols=len(metrics), loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title="metric", title_fontsize=7)  # outside the bars
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03a_viz.ipynb #2eefc4d0
+# %% ../nbs/03a_viz.ipynb #79c29805
 def plot_score_hist(labels, # (N,) 0 normal / 1 anomalous (images, or flattened pixels)
                     scores, # (N,) anomaly scores
-                    title:str|None=None,
+                    title:str|None="score distribution", # figure title
                     bins:int=40,
                     log:bool=False, # log-scaled y axis (pixel histograms are dominated by normal pixels)
                    ) -> matplotlib.figure.Figure:
@@ -126,14 +174,6 @@ def plot_score_hist(labels, # (N,) 0 normal / 1 anomalous (images, or flattened 
     return fig
 
 # %% ../nbs/03a_viz.ipynb #734d786e
-def codebook_perplexity(counts, # (K,) usage count of each code
-                       ) -> float:
-    "Return exp(entropy) of the code-usage distribution: the effective number of codes used."
-    c = _np(counts).astype(np.float64).ravel()
-    if (c < 0).any() or c.sum() <= 0: raise ValueError("counts: need non-negative counts with a positive sum")
-    p = c[c > 0] / c.sum()
-    return float(np.exp(-(p * np.log(p)).sum()))
-
 def plot_codebook_usage(counts, # (K,) usage count of each code (e.g. torch.bincount(indices, minlength=K))
                         title:str|None=None,
                        ) -> matplotlib.figure.Figure:

@@ -11,6 +11,8 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 
+from fastcore.basics import patch
+import pandas as pd
 from .core import exists, default
 from .flows import vqflow_flows, count_params
 from .codebooks import HierarchicalCodebooks
@@ -18,32 +20,32 @@ from .prior import MixedGaussianPrior
 from .train import Schedule, Scores
 
 # %% auto #0
-__all__ = ['VQFlowConfig', 'VQFlow', 'flow_nll', 'vqflow_maps']
+__all__ = ['VQFlowConfig', 'VQFlow', 'flow_nll', 'vqflow_maps', 'shape_table']
 
 # %% ../nbs/10_vqflow.ipynb #e41903aa
 @dataclass
 class VQFlowConfig:
-    "VQ-Flow hyper-parameters; defaults are the released code's (METHODS.md §1)."
-    channels:tuple = (128, 256, 512) # flow scales = backbone stages 1-3 [code] convnextv2_base
-    top_channels:int = 1024 # stage 4, used for the concept and the conditions only [code]
-    pool:bool = True # AvgPool2d(3, stride 2, pad 1) on stages 1-3 before the flows [code] §1.1
-    proto_dim:int = 512 # CPC code dim [code] --dim-cpc
-    k_cpc:int = 32 # number of prototypes [code] --k-cpc
-    pe_dim:int = 64 # positional-encoding channels of the anchor [code] --concat-pos (576 = 512 + 64)
-    k_cspc:int = 512 # pattern codes per scale [code] --k-cspc
-    quantize:str = 'residual' # CSPC mode [code] --quantize-type residual ('naive' quantises [h, PE])
-    depths:tuple = (2, 5, 8) # AllInOneBlocks per scale [code] --parallel-blocks
-    clamp:float = 1.9 # affine clamping of every coupling [code] clamp_alpha
-    mixed_gaussian:bool = True # prototype-conditioned Gaussian per scale [code] --mixed-gaussian
-    variant:str = 'code' # 'code': prior without its log-det (released); 'paper': with it (proper NLL)
-    commit_weight:float = 1.0 # weight of the summed commitment losses [code] quantize_weight
-    reassign:bool = False # dead-code re-assignment after each epoch [code] --reassign-quantize (off in README)
-    top_k:float = 0.03 # image score = mean of the top 3 % of the 'mul' map [code] top_k
+    "VQ-Flow hyper-parameters; defaults are the released code's (cool-xuan/vqflow, see docs/vqflow.md)."
+    channels:tuple = (128, 256, 512) # flow scales = backbone stages 1-3: convnextv2_base (code: `models/extractors.py:build_extractor`)
+    top_channels:int = 1024 # stage 4, used for the concept and the conditions only (code: `train.py:model_forward`)
+    pool:bool = True # AvgPool2d(3, stride 2, pad 1) on stages 1-3 before the flows (code: `--pool-type avg`, `model_forward`)
+    proto_dim:int = 512 # CPC code dim (code: `main.py:parsing_args` --dim-cpc)
+    k_cpc:int = 32 # number of prototypes (code: --k-cpc)
+    pe_dim:int = 64 # positional-encoding channels of the anchor (code: --c-pos-conds; 576 = 512 + 64 with --concat-pos)
+    k_cspc:int = 512 # pattern codes per scale (code: --k-cspc)
+    quantize:str = 'residual' # CSPC mode (README: --quantize-type residual; 'naive' quantises [h, PE])
+    depths:tuple = (2, 5, 8) # AllInOneBlocks per scale (code: --parallel-blocks)
+    clamp:float = 1.9 # affine clamping of every coupling (code: `default.py` clamp_alpha)
+    mixed_gaussian:bool = True # prototype-conditioned Gaussian per scale (README: --mixed-gaussian)
+    variant:str = 'code' # 'code': prior without its log-det (released `model_forward`); 'paper': with it (proper NLL)
+    commit_weight:float = 1.0 # weight of the summed commitment losses (code: --quantize-weight)
+    reassign:bool = False # dead-code re-assignment after each epoch (code: --reassign-quantize, off in the README)
+    top_k:float = 0.03 # image score = mean of the top 3 % of the 'mul' map (code: `default.py` top_k, `post_process.py`)
     seed:int|None = None # permutation seeds of the flows (None: numpy's global RNG, like FrEIA)
     checkpoint:bool = False # ours, not the authors': recompute flow-block activations in backward (less memory, ~1/3 more time)
-    # optimisation [code] §1.5: Adam 1e-4, batch 16, 30 meta-epochs x 2 sub-epochs (argparse wins over default.py),
-    # LinearLR warm-up from 0.1x over 5 meta-epochs = 10 sub-epochs, MultiStepLR [70, 90] x0.33 per sub-epoch
-    # (never fires within 60), grad-norm clip 2.0, evaluation after every meta-epoch
+    # optimisation (code: `main.py:parsing_args` and `train.py:train`): Adam 1e-4, batch 16, 30 meta-epochs x 2
+    # sub-epochs (argparse wins over default.py), LinearLR warm-up from 0.1x over 5 meta-epochs = 10 sub-epochs,
+    # MultiStepLR [70, 90] x0.33 per sub-epoch (never fires within 60), grad-norm clip 2.0, test after every meta-epoch
     lr:float = 1e-4
     batch_size:int = 16
     epochs:int = 60
@@ -53,27 +55,28 @@ class VQFlowConfig:
     gamma:float = 0.33
     clip_grad:float = 2.0
 
-    @property
-    def cond_channels(self) -> int:
-        "Flow condition width: pattern (proto_dim + pe_dim) concatenated with the prototype (1,088 for the authors)."
-        return 2 * self.proto_dim + self.pe_dim
+# %% ../nbs/10_vqflow.ipynb #312569a0
+@patch(as_prop=True)
+def cond_channels(self:VQFlowConfig) -> int:
+    "Flow condition width: pattern (proto_dim + pe_dim) concatenated with the prototype (1,088 for the authors)."
+    return 2 * self.proto_dim + self.pe_dim
 
-    @classmethod
-    def for_channels(cls, stage_channels, # channels of the 4 backbone stages (e.g. `FeatureExtractor.channels`)
-                     **kw):
-        "Config for a backbone with these 4 stage widths: stages 1-3 feed the flows, stage 4 the concept."
-        if len(stage_channels) != 4: raise ValueError(f'VQ-Flow needs 4 backbone stages, got channels {stage_channels}')
-        return cls(channels=tuple(stage_channels[:3]), top_channels=stage_channels[3], **kw)
+@patch(cls_method=True)
+def for_channels(cls:VQFlowConfig, stage_channels, # channels of the 4 backbone stages (e.g. `FeatureExtractor.channels`)
+                 **kw):
+    "Config for a backbone with these 4 stage widths: stages 1-3 feed the flows, stage 4 the concept."
+    if len(stage_channels) != 4: raise ValueError(f'VQ-Flow needs 4 backbone stages, got channels {stage_channels}')
+    return cls(channels=tuple(stage_channels[:3]), top_channels=stage_channels[3], **kw)
 
-    @classmethod
-    def small(cls, stage_channels, **kw):
-        "A CPU-sized variant for the offline backbone: same structure, narrower codebooks and conditions."
-        return cls.for_channels(stage_channels, **{**dict(proto_dim=32, pe_dim=16, k_cpc=8, k_cspc=32), **kw})
+@patch(cls_method=True)
+def small(cls:VQFlowConfig, stage_channels, **kw):
+    "A CPU-sized variant for the offline backbone: same structure, narrower codebooks and conditions."
+    return cls.for_channels(stage_channels, **{**dict(proto_dim=32, pe_dim=16, k_cpc=8, k_cspc=32), **kw})
 
 # %% ../nbs/10_vqflow.ipynb #f7fc4ce7
 class VQFlow(nn.Module):
     "VQ-Flow on frozen multi-scale features: `loss` for training, `score` for anomaly maps (label-free)."
-    needs_labels = False # VQ-Flow never reads the class label (METHODS.md §0)
+    needs_labels = False # VQ-Flow never reads the class label (code: `train.py:train_meta_epoch` drops `cls`)
 
     def __init__(self, cfg:VQFlowConfig|None=None):
         super().__init__()
@@ -88,21 +91,30 @@ class VQFlow(nn.Module):
         for f in self.flows: f.checkpoint = cfg.checkpoint
         self.prior = MixedGaussianPrior(cfg.proto_dim, list(cfg.channels), variant=cfg.variant) if cfg.mixed_gaussian else None
 
-    def forward(self, feats:list, # backbone maps [stage1, stage2, stage3, stage4], (B,C_l,H_l,W_l)
-               ) -> dict:
-        "Latents per scale, total log-det, summed commitment, and the codes chosen."
-        if len(feats) != 4: raise ValueError(f'VQFlow expects 4 feature maps, got {len(feats)}')
-        xs, top = [self.pool(f) for f in feats[:3]], feats[3]
-        cb = self.codebooks([*xs, top]); p = cb['proto']
-        zs, log_det = [], top.new_zeros(top.shape[0])
-        for flow, x, cond in zip(self.flows, xs, cb['conds']):
-            z, ld = flow(x, cond); zs.append(z); log_det = log_det + ld
-        if exists(self.prior):
-            zs, ld = self.prior(zs, p)
-            log_det = log_det + ld                 # zero in the 'code' variant (METHODS.md §5, VQ-Flow 2)
-        zs, ld = self.fusion(zs, cb['fusion_cond'])
-        return dict(zs=zs, log_det=log_det + ld, commit=cb['commit'], proto_index=cb['proto_index'],
-                    pattern_index=cb['indices'])
+# %% ../nbs/10_vqflow.ipynb #43b9e824
+@patch
+def conditions(self:VQFlow, feats:list, # backbone maps [stage1, stage2, stage3, stage4], (B,C_l,H_l,W_l)
+              ) -> tuple[list, dict]:
+    "Pooled flow inputs x_1..x_3 and the codebooks' output (conditions, prototype, concept vector s, codes, commitment)."
+    if len(feats) != 4: raise ValueError(f'VQFlow expects 4 feature maps, got {len(feats)}')
+    xs, top = [self.pool(f) for f in feats[:3]], feats[3]
+    return xs, self.codebooks([*xs, top])
+
+# %% ../nbs/10_vqflow.ipynb #3260e67a
+@patch
+def forward(self:VQFlow, feats:list, # backbone maps [stage1, stage2, stage3, stage4], (B,C_l,H_l,W_l)
+           ) -> dict:
+    "Latents per scale, total log-det, summed commitment, and the codes chosen."
+    xs, cb = self.conditions(feats)
+    zs, log_det = [], feats[3].new_zeros(feats[3].shape[0])
+    for flow, x, cond in zip(self.flows, xs, cb['conds']):
+        z, ld = flow(x, cond); zs.append(z); log_det = log_det + ld
+    if exists(self.prior):
+        zs, ld = self.prior(zs, cb['proto'])
+        log_det = log_det + ld                 # zero in the 'code' variant (see docs/vqflow.md)
+    zs, ld = self.fusion(zs, cb['fusion_cond'])
+    return dict(zs=zs, log_det=log_det + ld, commit=cb['commit'], proto_index=cb['proto_index'],
+                pattern_index=cb['indices'])
 
 # %% ../nbs/10_vqflow.ipynb #c68b84f8
 def flow_nll(zs:list, # latents per scale (B,C,H,W)
@@ -112,14 +124,13 @@ def flow_nll(zs:list, # latents per scale (B,C,H,W)
     return sum(0.5 * z.pow(2).sum((1, 2, 3)) for z in zs) - log_det
 
 # %% ../nbs/10_vqflow.ipynb #04f42daa
-def _loss(self:VQFlow, feats:list, batch:dict|None=None) -> dict:
+@patch
+def loss(self:VQFlow, feats:list, batch:dict|None=None) -> dict:
     "Training loss: batch-mean NLL plus commit_weight x commitment; parts for logging."
     out = self(feats)
     nll = flow_nll(out['zs'], out['log_det']).mean()
     loss = nll + self.cfg.commit_weight * out['commit']
     return dict(loss=loss, nll=nll.detach(), commit=out['commit'].detach())
-
-VQFlow.loss = _loss
 
 # %% ../nbs/10_vqflow.ipynb #632b6797
 def vqflow_maps(zs:list, # latents per scale (B,C_l,H_l,W_l)
@@ -140,22 +151,26 @@ def vqflow_maps(zs:list, # latents per scale (B,C_l,H_l,W_l)
     return Scores(image=image, pixel=add, pro=mul)
 
 # %% ../nbs/10_vqflow.ipynb #c608a3c3
+@patch
 @torch.no_grad()
-def _score(self:VQFlow, feats:list, batch:dict|None=None, out_size:tuple|None=None) -> Scores:
+def score(self:VQFlow, feats:list, batch:dict|None=None, out_size:tuple|None=None) -> Scores:
     "Anomaly maps at `out_size` (default: the first stage's input resolution x4) and image scores."
     out = self(feats)
     out_size = default(out_size, lambda: tuple(4 * s for s in feats[0].shape[-2:]))
     return vqflow_maps(out['zs'], out_size, self.cfg.top_k)
 
-def _schedule(self:VQFlow) -> Schedule:
+# %% ../nbs/10_vqflow.ipynb #d739d46d
+@patch
+def schedule(self:VQFlow) -> Schedule:
     "The released code's optimisation (see `VQFlowConfig`)."
     c = self.cfg
     return Schedule(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer='adam', weight_decay=0.,
                     warmup_epochs=c.warmup_epochs, warmup_start=0.1, milestones=tuple(c.milestones), gamma=c.gamma,
                     clip_grad=c.clip_grad, eval_every=c.eval_every, drop_last=True)
 
-def _on_epoch_end(self:VQFlow, epoch:int):
-    "Optional dead-code re-assignment ([code] --reassign-quantize, off in the README commands); reset usage counts."
+@patch
+def on_epoch_end(self:VQFlow, epoch:int):
+    "Optional dead-code re-assignment (code: --reassign-quantize, off in the README commands); reset usage counts."
     books = self.codebooks.codebooks()
     names = ['cpc', *[f'cspc{i+1}' for i in range(len(books) - 2)], 'cspc_fusion']
     self.usage = {n: (b.usage().clone(), b.perplexity()) for n, b in zip(names, books)}
@@ -163,4 +178,27 @@ def _on_epoch_end(self:VQFlow, epoch:int):
         for b in books: b.reassign_dead_codes()
     for b in books: b.reset_usage()
 
-VQFlow.score, VQFlow.schedule, VQFlow.on_epoch_end = _score, _schedule, _on_epoch_end
+# %% ../nbs/10_vqflow.ipynb #c69f3a5e
+def _shape(t:Tensor) -> str:
+    "C×H² (square maps) or C×H×W of the first item of a batch; C for vectors."
+    if t.ndim == 2: return str(t.shape[1])
+    c, h, w = t.shape[1:]
+    return f"{c}×{h}²" if h == w else f"{c}×{h}×{w}"
+
+def shape_table(cfg:VQFlowConfig, # the configuration
+                stage_hw:list, # (H, W) of the four backbone maps for one image
+               ) -> pd.DataFrame:
+    "Shapes of every tensor of VQ-Flow for one image, from a forward pass on the meta device."
+    with torch.device('meta'):
+        m = VQFlow(cfg).eval()
+        feats = [torch.empty(1, c, h, w) for c, (h, w) in zip([*cfg.channels, cfg.top_channels], stage_hw)]
+        with torch.no_grad(): xs, cb = m.conditions(feats); zs = m(feats)['zs']
+    books = m.codebooks.codebooks()
+    kd = lambda b: f"{b.num_codes}×{b.dim}"
+    rows = {f'scale {l + 1}': dict(backbone=_shape(feats[l]), flow_input=_shape(xs[l]), codebook=f"CSPC {kd(books[l + 1])}",
+                                   condition=_shape(cb['conds'][l]), blocks=cfg.depths[l], latent=_shape(zs[l]),
+                                   params=count_params(m.flows[l]))
+            for l in range(3)}
+    rows['top (stage 4)'] = dict(backbone=_shape(feats[3]), flow_input='—', codebook=f"CPC {kd(books[0])}, CSPC {kd(books[-1])}",
+                                 condition=_shape(cb['fusion_cond']), blocks='fusion', latent='—', params=count_params(m.fusion))
+    return pd.DataFrame(rows).T
