@@ -20,8 +20,9 @@ from .core import exists, default, get_device, seed_everything, hash_dict, recor
 
 # %% auto #0
 __all__ = ['METRICS', 'Scores', 'Schedule', 'make_optimizer', 'set_lr', 'collect_scores', 'degenerate_checks', 'metric_table',
-           'evaluate', 'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'run_spec', 'DegenerateWarning',
-           'fit']
+           'evaluate', 'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'run_spec', 'dist_info',
+           'is_main_process', 'init_distributed', 'global_batches', 'shard_batches', 'synced_codebooks', 'GradientSync',
+           'Parallel', 'data_parallel', 'DegenerateWarning', 'fit']
 
 # %% ../nbs/20_train.ipynb #1522f110
 class Scores(NamedTuple):
@@ -247,34 +248,201 @@ def _check_spec(ckpt:Path, stored:dict|None, spec:dict):
         raise ValueError(f"{ckpt} belongs to a run with other settings (differs in: {', '.join(diff)}); "
                          f"delete it or pass resume=False")
 
+# %% ../nbs/20_train.ipynb #a1d0c002
+import contextlib, datetime, types
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+def dist_info() -> tuple:
+    "(rank, world size): from the process group when one is initialised, else torchrun's environment, else (0, 1)."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+
+def is_main_process() -> bool:
+    "Rank 0: the process that evaluates and writes (every single-process run is its own rank 0)."
+    return dist_info()[0] == 0
+
+def init_distributed(device=None, # None/'cuda': this process's GPU (cuda:$LOCAL_RANK); 'cpu': gloo on CPU
+                     timeout_s:float=7200, # collective timeout: the other ranks wait while rank 0 evaluates
+                    ) -> torch.device:
+    "Join the process group that torchrun describes in the environment (NCCL for GPUs, gloo for CPUs); return this rank's device."
+    device = get_device(device)
+    if device.type == 'cuda' and device.index is None: device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    if device.type == 'cuda': torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(seconds=timeout_s),
+                                **(dict(device_id=device) if device.type == 'cuda' else {}))
+    return device
+
+# %% ../nbs/20_train.ipynb #a1d0c004
+def _epoch_generator(seed:int, epoch:int) -> torch.Generator:
+    "The shuffling generator of (seed, epoch): a resumed run, or a run on more processes, draws the same order."
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+def global_batches(n:int, # training items
+                   batch_size:int, drop_last:bool, seed:int, epoch:int) -> list:
+    "Index lists of the batches one process trains on in `epoch` (the generator, `DataLoader` and tqdm of `_train_epoch`)."
+    dl = _loader(range(n), batch_size, shuffle=True, drop_last=drop_last, generator=_epoch_generator(seed, epoch))
+    # through tqdm as the trainer iterates: tqdm.auto calls iter() twice, and each DataLoader iterator draws a seed
+    return [b.tolist() for b in tqdm(dl, disable=True)]
+
+def shard_batches(batches:list, rank:int, world:int) -> list:
+    "This rank's share of every batch: items rank, rank+world, ... (as `DistributedSampler` deals them), a short batch padded by wrapping."
+    out = []
+    for b in batches:
+        per = -(-len(b) // world)
+        out.append((b * world)[:per * world][rank::world])
+    return out
+
+# %% ../nbs/20_train.ipynb #a1d0c006
+@torch.no_grad()
+def _synced_ema_update(self, flat:torch.Tensor, ind:torch.Tensor):
+    "`EMACodebook._ema_update` on batch statistics summed over the process group (HVQ-Trans's `Quantize` all-reduces them)."
+    shape = torch.tensor([self.num_codes, self.dim], device=flat.device)
+    ext = torch.cat([shape, -shape]); dist.all_reduce(ext, op=dist.ReduceOp.MAX)   # (max, -min) of every rank's shape
+    if not torch.equal(ext[:2], -ext[2:]):
+        raise RuntimeError(f"EMA codebook updates differ across processes (here a {self.num_codes}x{self.dim} codebook, elsewhere "
+                           f"another): the method updates its codebooks a data-dependent number of times per step (e.g. once per "
+                           f"class in the local batch), which cannot be synchronised; update per image or train in one process")
+    counts = torch.bincount(ind, minlength=self.num_codes).to(flat.dtype)
+    sums = torch.zeros(self.num_codes, self.dim, dtype=flat.dtype, device=flat.device).index_add_(0, ind, flat)
+    stats = torch.cat([counts[:, None], sums], 1); dist.all_reduce(stats)            # one call for counts and sums
+    counts, sums = stats[:, 0], stats[:, 1:]
+    # from here on the arithmetic of EMACodebook._ema_update (05_codebooks), unchanged; the test below compares the two
+    self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+    self.embed_avg.mul_(self.decay).add_(sums.t(), alpha=1 - self.decay)
+    n = self.cluster_size.sum()
+    smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
+    self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
+    self.usage_counts.add_(counts)
+
+@contextlib.contextmanager
+def synced_codebooks(model:nn.Module):
+    "Within the block every `EMACodebook` of `model` sums its batch statistics over the process group before its EMA step."
+    from vqflow_nb.codebooks import EMACodebook
+    books = [m for m in model.modules() if isinstance(m, EMACodebook)]
+    for b in books: b._ema_update = types.MethodType(_synced_ema_update, b)   # an instance attribute shadows the method
+    try: yield books
+    finally:
+        for b in books: b.__dict__.pop('_ema_update', None)
+
+# %% ../nbs/20_train.ipynb #a1d0c008
+@torch.no_grad()
+def _broadcast_(tensors:list, src:int=0):
+    "Copy rank `src`'s values of `tensors` to every process, one flat message per dtype and device."
+    for key in sorted({(str(t.dtype), str(t.device)) for t in tensors}):
+        group = [t for t in tensors if (str(t.dtype), str(t.device)) == key]
+        flat = _flatten_dense_tensors(group); dist.broadcast(flat, src)
+        for t, v in zip(group, _unflatten_dense_tensors(flat, group)): t.copy_(v)
+
+class GradientSync:
+    "Average the gradients of `params` over the process group at the end of every backward pass (for `training_step` methods)."
+    def __init__(self, params:list):
+        self.params, self.queued = [p for p in params if p.requires_grad], False
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+
+    def _hook(self, p):
+        if not self.queued:   # once per backward: the engine runs the callback when the whole pass has finished
+            self.queued = True; torch.autograd.Variable._execution_engine.queue_callback(self._reduce)
+
+    @torch.no_grad()
+    def _reduce(self):
+        self.queued = False
+        used = torch.tensor([p.grad is not None for p in self.params], dtype=torch.uint8, device=self.params[0].device)
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)        # a gradient on any rank: zeros on the others, as in DDP
+        ps = [p for p, u in zip(self.params, used.tolist()) if u]
+        for p in ps:
+            if p.grad is None: p.grad = torch.zeros_like(p)
+        for key in sorted({(str(p.dtype), str(p.device)) for p in ps}):
+            grads = [p.grad for p in ps if (str(p.dtype), str(p.device)) == key]
+            flat = _flatten_dense_tensors(grads); dist.all_reduce(flat); flat /= dist.get_world_size()
+            for g, v in zip(grads, _unflatten_dense_tensors(flat, grads)): g.copy_(v)
+
+    def remove(self):
+        for h in self.handles: h.remove()
+
+# %% ../nbs/20_train.ipynb #a1d0c00a
+class _LossForward(nn.Module):
+    "`method.loss` as a forward, so that DistributedDataParallel can wrap it."
+    def __init__(self, method): super().__init__(); self.method = method
+    def forward(self, feats, batch): return self.method.loss(feats, batch)
+
+@dataclass
+class Parallel:
+    "One process of a data-parallel fit: its rank, the world size, its device, and how its steps are synchronised."
+    rank:int
+    world:int
+    device:torch.device
+    loss_fn:object = None # DDP-wrapped `method.loss` (methods without `training_step`)
+    grad_sync:GradientSync|None = None # gradient averaging for methods with their own `training_step`
+
+    def loader(self, store, sch:Schedule, seed:int, epoch:int) -> DataLoader:
+        "This rank's share of the single-process batches of `epoch`."
+        shards = shard_batches(global_batches(len(store), sch.batch_size, sch.drop_last, seed, epoch), self.rank, self.world)
+        return DataLoader(store, batch_sampler=shards, generator=torch.Generator())   # never draws from the global RNG
+
+    def mean(self, sums:dict) -> dict:
+        "Average per-process loss sums over the processes (every rank logs the same numbers)."
+        keys = sorted(sums)
+        v = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(v); v /= self.world
+        mean = dict(zip(keys, v.tolist()))
+        return {k: mean[k] for k in sums}   # the single-process order of the parts
+
+    def broadcast(self, obj):
+        "Rank 0's `obj` on every rank."
+        box = [obj]; dist.broadcast_object_list(box, src=0); return box[0]
+
+@contextlib.contextmanager
+def data_parallel(method:nn.Module, params:list, device:torch.device, sch:Schedule):
+    "Set up synchronised training of `method` on this process group for the duration of the block; yields a `Parallel`."
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if sch.batch_size % world:
+        raise ValueError(f"batch_size {sch.batch_size} (the global batch) is not divisible by the {world} processes")
+    par = Parallel(rank, world, device)
+    with synced_codebooks(method):
+        if hasattr(method, 'training_step'):
+            _broadcast_([*method.parameters(), *method.buffers()])   # start from rank 0's state, as DDP does
+            par.grad_sync = GradientSync(params)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            par.loss_fn = DDP(_LossForward(method), device_ids=[device] if device.type == 'cuda' else None,
+                              find_unused_parameters=getattr(method, 'find_unused_parameters', False))
+        try: yield par
+        finally:
+            if par.grad_sync is not None: par.grad_sync.remove()
+
 # %% ../nbs/20_train.ipynb #5b393ef9
-def _step(method:nn.Module, batch:dict, opt, sch:Schedule, params:list) -> dict:
-    "One optimisation step: the method's own `training_step`, else loss, backward, clipping, step."
+def _step(method:nn.Module, batch:dict, opt, sch:Schedule, params:list, loss_fn=None) -> dict:
+    "One optimisation step: the method's own `training_step`, else loss (`loss_fn`: its DDP wrapper), backward, clipping, step."
     if hasattr(method, 'training_step'): return method.training_step(batch['feats'], batch, opt, sch)
-    parts = method.loss(batch['feats'], batch)
+    parts = (loss_fn or method.loss)(batch['feats'], batch)
     opt.zero_grad(set_to_none=True); parts['loss'].backward()
     if sch.clip_grad: torch.nn.utils.clip_grad_norm_(params, sch.clip_grad)
     opt.step()
     return parts
 
 def _train_epoch(method, store, opt, sch:Schedule, params:list, epoch:int, seed:int, device, bar=None,
-                 progress:bool=True) -> dict:
+                 progress:bool=True, par:Parallel|None=None) -> dict:
     "One pass over the training set (shuffled by a generator of (seed, epoch), so a resumed run sees the same order)."
     method.train(); t0, sums, n = time.time(), {}, 0
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    dl = _loader(store, sch.batch_size, shuffle=True, drop_last=sch.drop_last, generator=gen)
+    dl = (_loader(store, sch.batch_size, shuffle=True, drop_last=sch.drop_last, generator=_epoch_generator(seed, epoch))
+          if par is None else par.loader(store, sch, seed, epoch))
     if len(dl) == 0: raise ValueError(f'{len(store)} training items < batch_size {sch.batch_size} with drop_last')
     per_iter = getattr(method, 'lr_factor', None)
     if per_iter is None: set_lr(opt, sch, sch.lr_factor(epoch))
     for i, batch in enumerate(tqdm(dl, desc=f'epoch {epoch+1}', leave=False, disable=not progress)):
         if per_iter is not None: set_lr(opt, sch, per_iter(epoch, i, len(dl)))
-        parts = _step(method, _to_device(batch, device), opt, sch, params)
+        if par is not None and par.grad_sync is not None: _broadcast_(list(method.buffers()))   # DDP's broadcast_buffers
+        parts = _step(method, _to_device(batch, device), opt, sch, params, None if par is None else par.loss_fn)
         if not torch.isfinite(parts['loss']): raise FloatingPointError(f'non-finite loss at epoch {epoch}: {parts}')
         for k, v in parts.items(): sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         n += 1
         if bar is not None: bar.set_postfix(loss=f"{sums['loss']/n:.4g}")
     if hasattr(method, 'on_epoch_end'): method.on_epoch_end(epoch)
-    return dict(epoch=epoch, lr=opt.param_groups[0]['lr'], seconds=time.time() - t0, **{k: v / n for k, v in sums.items()})
+    if par is not None: sums = par.mean(sums)
+    return dict(epoch=epoch, lr=opt.param_groups[0]['lr'], seconds=time.time() - t0, **{k: v / n for k, v in sums.items()},
+                **({} if par is None else dict(world_size=par.world)))
 
 # %% ../nbs/20_train.ipynb #feb4c269
 class DegenerateWarning(UserWarning):
@@ -300,32 +468,40 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
         seed:int=0, device=None, resume:bool=True, # resume from out_dir/checkpoints/last.pt when it exists
         class_names=None, aupro_variant:str='exact', progress:bool=True, eval_batch_size:int=8,
         max_epochs:int|None=None, # stop after this many epochs of this call (to test resuming)
+        distributed:bool|None=None, # None: data-parallel when torchrun launched this process (WORLD_SIZE > 1) or a process group exists
         **overrides, # any `Schedule` field, e.g. epochs=2, lr=1e-3, batch_size=4, eval_every=1
        ) -> FitResult:
-    "Train `method` on `train_store`, evaluating on `test_store` every `eval_every` epochs; resumable."
+    "Train `method` on `train_store`, evaluating on `test_store` every `eval_every` epochs; resumable; data-parallel under torchrun."
     sch = replace(default(schedule, lambda: method.schedule()), **overrides)
-    device = get_device(device); seed_everything(seed); method.to(device)
+    device = get_device(device)
+    parallel = default(distributed, lambda: dist_info()[1] > 1)
+    if parallel: device = init_distributed(device)
+    seed_everything(seed); method.to(device)
     if device.type == 'cpu': cpu_memory_mode()   # lower peak resident memory (see 00_core)
     groups = method.param_groups(sch) if hasattr(method, 'param_groups') else [dict(params=[p for p in method.parameters() if p.requires_grad])]
     opt = make_optimizer(groups, sch); params = [p for g in opt.param_groups for p in g['params']]
     res, spec, start = FitResult(history=[], evals={}, schedule=sch), run_spec(method, sch, seed, train_store, test_store), 0
     ckpt = Path(out_dir)/'checkpoints'/'last.pt' if exists(out_dir) else None
+    main = is_main_process()
     if exists(ckpt) and ckpt.exists() and resume:
         st = load_checkpoint(ckpt, device); _check_spec(ckpt, st.get('run_spec'), spec)
         method.load_state_dict(st['model']); opt.load_state_dict(st['optimizer']); _set_rng_state(st['rng'])
         res.history, res.evals, start = st['history'], st['evals'], st['epoch'] + 1
         res.last_epoch, res.best_epoch, res.degenerate = st['last_epoch'], st['best_epoch'], st.get('degenerate', {})
-        if progress: print(f'resumed from {ckpt} after epoch {start}')
+        if progress and main: print(f'resumed from {ckpt} after epoch {start}')
     names = default(class_names, lambda: getattr(test_store, 'classes', None))
     stop = sch.epochs if max_epochs is None else min(sch.epochs, start + max_epochs)
+    progress = progress and main
     bar = tqdm(range(start, stop), desc=type(method).__name__, disable=not progress, initial=start, total=sch.epochs)
-    for epoch in bar:
-        res.history.append(_train_epoch(method, train_store, opt, sch, params, epoch, seed, device, bar, progress))
-        if exists(test_store) and ((epoch + 1) % sch.eval_every == 0 or epoch + 1 == sch.epochs):
-            _record_eval(res, evaluate(method, test_store, names, eval_batch_size, device, aupro_variant, progress), epoch, progress)
-        if exists(ckpt):
-            save_checkpoint(ckpt, model=method.state_dict(), optimizer=opt.state_dict(), rng=_rng_state(), epoch=epoch,
-                            history=res.history, evals=res.evals, last_epoch=res.last_epoch, best_epoch=res.best_epoch,
-                            degenerate=res.degenerate, run_spec=spec)
+    with (data_parallel(method, params, device, sch) if parallel else contextlib.nullcontext()) as par:
+        for epoch in bar:
+            res.history.append(_train_epoch(method, train_store, opt, sch, params, epoch, seed, device, bar, progress, par))
+            if exists(test_store) and ((epoch + 1) % sch.eval_every == 0 or epoch + 1 == sch.epochs):
+                t = evaluate(method, test_store, names, eval_batch_size, device, aupro_variant, progress) if main else None
+                _record_eval(res, t if par is None else par.broadcast(t), epoch, progress)
+            if exists(ckpt) and main:
+                save_checkpoint(ckpt, model=method.state_dict(), optimizer=opt.state_dict(), rng=_rng_state(), epoch=epoch,
+                                history=res.history, evals=res.evals, last_epoch=res.last_epoch, best_epoch=res.best_epoch,
+                                degenerate=res.degenerate, run_spec=spec)
     bar.close()
     return res
