@@ -21,8 +21,8 @@ from .core import (exists, default, project_root, provenance, record, seed_every
 # %% auto #0
 __all__ = ['PARAMETERS', 'METHODS', 'PUBLISHED_CLASSES', 'METRIC_NAMES', 'register_method', 'build_method', 'make_extractor',
            'resolve_data', 'synthetic_root', 'data_fingerprint', 'portable_path', 'per_kind_table', 'train_classes',
-           'run_experiment', 'run_figures', 'run_id', 'compare_runs', 'replicate', 'load_runs', 'load_reported',
-           'collect', 'main']
+           'run_experiment', 'plot_curves', 'loss_flattened', 'run_figures', 'run_id', 'compare_runs', 'replicate',
+           'load_runs', 'load_reported', 'collect', 'main']
 
 # %% ../nbs/30_replicate.ipynb #ba7ed18c
 PARAMETERS = ('data_root', 'classes', 'method', 'variant', 'backbone', 'weights', 'image_size', 'epochs',
@@ -211,7 +211,8 @@ def _write_run(run:dict, a:dict) -> dict:
     metrics = dict(info, last=dict(epoch=res.last_epoch, **_table_dict(res.last)),
                    best=dict(epoch=res.best_epoch, selection='max mean(i_auroc) + mean(p_auroc) on the test set',
                              **_table_dict(res.best)),
-                   best_per_metric=res.best_per_metric(), seconds=time.time() - a['t_start'])
+                   best_per_metric=res.best_per_metric(), converged=loss_flattened(res.history),
+                   seconds=time.time() - a['t_start'])
     record(out_dir, 'env', provenance(run['device'], seed=a['seed'], weights=ext.weights_source, variant=a['variant'],
                                       extractor=ext.config))
     run['scores'] = collect_scores(model, run['test_features'], device=run['device'], progress=False)   # the last model's
@@ -251,21 +252,47 @@ def run_experiment(dataset:str='synthetic', # dataset family: 'synthetic', 'mvte
               aupro_variant=aupro_variant, progress=progress, **overrides)
     run = dict(fit=res, model=model, test_ds=test_ds, test_features=test_s, out_dir=out_dir, device=dev,
                counts=test_ds.counts(), extractor=ext)
+    from vqflow_nb.train import is_main_process
+    if not is_main_process(): return run   # torchrun: every rank trained; rank 0 evaluated and writes
     run['metrics'] = _write_run(run, dict(dataset=dataset, method=method, variant=variant, backbone_preset=backbone,
                                           weights_arg=weights, small=small, seed=seed, root=root, classes=classes,
                                           aupro_variant=aupro_variant, t_start=t_start))
     return run
 
+# %% ../nbs/30_replicate.ipynb #fe33026f
+def plot_curves(res) -> 'matplotlib.figure.Figure':
+    "Learning curves of a run: the training loss per epoch (log scale when it spans decades) and the test metrics."
+    import matplotlib.pyplot as plt
+    h = pd.DataFrame(res.history)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(h['epoch'] + 1, h['loss'], marker='.')
+    if (h['loss'] > 0).all() and h['loss'].max() / h['loss'].min() > 100: a.set_yscale('log')
+    a.set(xlabel='epoch', ylabel='training loss', title='loss')
+    ev = pd.DataFrame({e + 1: t.loc['mean'] for e, t in sorted(res.evals.items())}).T
+    for m in ('i_auroc', 'p_auroc', 'aupro'):
+        if m in ev and ev[m].notna().any(): b.plot(ev.index, ev[m], marker='o', label=m)
+    b.set(xlabel='epoch', ylabel='class mean', title='test metrics (evaluations)', ylim=(0, 1.02)); b.legend(loc='lower right')
+    fig.tight_layout(); return fig
+
+def loss_flattened(history:list, # `FitResult.history`
+                   tol:float=0.02, # relative change of the last epoch's loss below which it counts as flat
+                  ) -> dict:
+    "Whether training had converged: the last epoch's relative loss change and the verdict."
+    if len(history) < 2: return dict(last_rel_change=None, flat=False)
+    a, b = history[-2]['loss'], history[-1]['loss']
+    r = (b - a) / max(abs(a), 1e-12)
+    return dict(last_rel_change=float(r), flat=bool(abs(r) < tol))
+
 # %% ../nbs/30_replicate.ipynb #af47b9df
 def run_figures(run:dict, # the output of `run_experiment`
-                n:int=3, # overlays: n best detections, n worst misses and n worst false alarms
+                n:int=3, # overlays: n highest-scored defects, n lowest-scored defects and n highest-scored normal images
                ) -> dict:
-    "Save a run's figures (per-class bars, score histograms, overlays, codebook usage) in out_dir/figures; return their paths."
+    "Save a run's figures (learning curves, per-class bars, score histograms, overlays, codebook usage); return their paths."
     import matplotlib.pyplot as plt
     from vqflow_nb import viz
     from vqflow_nb.train import collect_scores
     model, store, ds, dev = run['model'], run['test_features'], run['test_ds'], run['device']
-    figs = dict(bars=viz.plot_class_bars(run['fit'].last))
+    figs = dict(curves=plot_curves(run['fit']), bars=viz.plot_class_bars(run['fit'].last))
     # one batched scoring pass (as in evaluation); collect_scores keeps the store's order within each class
     per = run.get('scores') or collect_scores(model, store, device=dev, progress=False)
     cls = np.asarray(store.cls_index)
@@ -274,19 +301,15 @@ def run_figures(run:dict, # the output of `run_experiment`
         idx = np.flatnonzero(cls == c); scores[idx] = d['scores']
         where.update({int(i): (c, j) for j, i in enumerate(idx)})
     figs['hist'] = viz.plot_score_hist(labels, scores, title='image scores, all classes')
-    bad, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    best = bad[np.argsort(-scores[bad])][:n]                    # defects scored highest: the best detections
-    missed = bad[np.argsort(scores[bad])][:n]                   # defects scored lowest: the worst misses
-    alarms = good[np.argsort(-scores[good])][:n]                # normal images scored highest: the worst false alarms
-    pick = [*best, *missed, *alarms]
-    kind = ['best detection'] * len(best) + ['worst miss'] * len(missed) + ['false alarm'] * len(alarms)
-    imgs, maps, masks, titles = [], [], [], []
-    for i, k in zip(pick, kind):
-        (c, j), smp = where[int(i)], ds[int(i)]
-        imgs.append(smp.image); maps.append(per[c]['maps'][j]); masks.append(per[c]['masks'][j])
-        titles.append(f"{k}: {smp.cls_name} {scores[i]:.3g}")
-    figs['overlays'] = viz.show_overlays(imgs, maps, masks, titles=titles, ncols=n)
-    if hasattr(model, 'usage'):
+    imgs, maps, masks, titles, names = [], [], [], [], []
+    for i, caption in viz.pick_cases(labels, scores, cls, n_best=n, n_low=n, n_alarms=n):
+        (c, j), smp = where[i], ds[i]
+        imgs.append(smp.image); maps.append(per[c]['maps'][j]); masks.append(per[c]['masks'][j]); names.append(smp.cls_name)
+        titles.append(f"{caption}: {smp.cls_name} {scores[i]:.3g}")
+    name = {i: c for c, i in ds.class_index.items()}   # one colour scale per class, over its whole test set
+    ranges = {name[c]: (float(d['maps'].min()), float(d['maps'].max())) for c, d in per.items()}
+    figs['overlays'] = viz.show_overlays(imgs, maps, masks, titles=titles, ncols=n, classes=names, ranges=ranges)
+    if hasattr(model, 'usage') and 'cpc' in getattr(model, 'usage', {}):
         figs['usage'] = viz.plot_codebook_usage(model.usage['cpc'][0], title='CPC prototype usage (last epoch)')
     d = Path(run['out_dir'])/'figures'; d.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -552,7 +575,13 @@ def main(argv=None):
     ap.add_argument('--verify', action='store_true',
                     help='re-run finished runs into <results>/_scratch/verify and compare with the committed numbers')
     ap.add_argument('--collect', action='store_true', help='only collect the tables')
+    ap.add_argument('--engine', choices=('local', 'ray'), default='local',
+                    help="local: the runs one after another here; ray: every run a Ray task (pip install -e '.[cluster]')")
+    ap.add_argument('--address', help="--engine ray: 'auto' (the cluster `ray start` made), host:port or ray://host:10001; "
+                                      "default: a private Ray instance on this machine, on 127.0.0.1 only")
+    ap.add_argument('--max-retries', type=int, default=3, help='--engine ray: resubmissions of a run whose worker was lost')
     a = ap.parse_args(argv)
+    if a.address and a.engine != 'ray': ap.error('--address needs --engine ray')
     if a.collect:
         df = collect(a.results); print(f'collected {df["run_id"].nunique() if len(df) else 0} runs'); return 0
     if a.config: cfg = yaml.safe_load(Path(a.config).read_text())
@@ -562,7 +591,11 @@ def main(argv=None):
         cfg = dict(runs=[dict(notebook=a.notebook, dataset=a.dataset or Path(a.notebook).stem, methods=a.method or ['vqflow'],
                               seeds=a.seed or [9826], parameters=params)])
     else: ap.error('give --config, --notebook or --collect')
-    df = replicate(cfg, results=a.results, kernel=a.kernel, force=a.force, verify=a.verify)
+    if a.engine == 'ray':
+        from vqflow_nb.cluster import replicate_ray
+        df = replicate_ray(cfg, results=a.results, address=a.address, kernel=a.kernel, force=a.force, verify=a.verify,
+                           max_retries=a.max_retries)
+    else: df = replicate(cfg, results=a.results, kernel=a.kernel, force=a.force, verify=a.verify)
     cols = ['dataset', 'method', 'run_id', 'status', 'seconds'] + (['reproduced'] if 'reproduced' in df else [])
     print(df[cols].to_string(index=False))
     failed, degen = (df['status'] == 'failed').sum(), (df['status'] == 'degenerate').sum()
