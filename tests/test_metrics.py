@@ -151,7 +151,8 @@ def test_evaluate_classes_and_accumulator():
 def test_viz_returns_figures():
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from vqflow_nb.viz import show_overlays, plot_class_bars, plot_score_hist, plot_codebook_usage, codebook_perplexity
+    from vqflow_nb.viz import show_overlays, plot_class_bars, plot_score_hist, plot_codebook_usage
+    from vqflow_nb.core import codebook_perplexity
     mk, mp = _case(20, n=3, h=16, w=16)
     imgs = np.random.default_rng(0).random((3, 3, 32, 32))
     assert len(show_overlays(imgs, mp, np.repeat(np.repeat(mk, 2, 1), 2, 2)).axes) == 6
@@ -210,3 +211,61 @@ def test_labels_must_be_zero_one():
     ref = image_metrics([0, 0, 1, 1], sc)
     for ok in ([False, False, True, True], [0., 0., 1., 1.], np.array([0, 0, 1, 1], np.uint8)):
         assert image_metrics(ok, sc) == ref
+
+
+# ---- per defect kind -------------------------------------------------------------------------------------------------
+from vqflow_nb.metrics import defect_kind, defect_kind_metrics
+
+
+def _kind_case(seed, n=48, hw=8):
+    rng = np.random.default_rng(seed)
+    cls = rng.choice(["a", "b"], n); lab = rng.random(n) < 0.6; lab[:2] = False; cls[:2] = ["a", "b"]
+    kinds = np.where(lab, rng.choice(["dent", "hole", "crack"], n), "good")
+    mk = np.zeros((n, hw, hw), bool); mk[lab, 2:5, 3:6] = True
+    mp = (rng.random((n, hw, hw)) + 0.5 * mk).astype(np.float32)
+    sc = np.round(rng.random(n) + 0.4 * lab, 2)
+    return lab, sc, kinds, mk, mp, cls
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_defect_kind_metrics_equal_sklearn(seed):
+    lab, sc, kinds, mk, mp, cls = _kind_case(seed)
+    pooled = defect_kind_metrics(lab, sc, kinds, mk, mp)
+    per_cls = defect_kind_metrics(lab, sc, kinds, mk, mp, classes=cls)
+    for k in sorted(set(kinds[lab])):
+        sel = ~lab | (kinds == k)
+        assert pooled.loc[k, "i_auroc"] == pytest.approx(roc_auc_score(lab[sel], sc[sel]), abs=1e-12)
+        assert pooled.loc[k, "p_auroc"] == pytest.approx(roc_auc_score(mk[sel].ravel(), mp[sel].ravel()), abs=1e-12)
+        want_i, want_p = [], []
+        for c in ("a", "b"):
+            s = sel & (cls == c)
+            if not (s & lab).any(): continue
+            want_i.append(roc_auc_score(lab[s], sc[s])); want_p.append(roc_auc_score(mk[s].ravel(), mp[s].ravel()))
+        assert per_cls.loc[k, "i_auroc"] == pytest.approx(np.mean(want_i), abs=1e-12)
+        assert per_cls.loc[k, "p_auroc"] == pytest.approx(np.mean(want_p), abs=1e-12)
+        assert per_cls.loc[k, "n_classes"] == len(want_i)
+        assert pooled.loc[k, "n_defective"] == ((kinds == k) & lab).sum() and pooled.loc[k, "n_good"] == (~lab).sum()
+    # maps as float16 with a channel dim, as MetricAccumulator stores them: same numbers up to the rounding of float16
+    half = defect_kind_metrics(lab, sc, kinds, mk[:, None], mp.astype(np.float16)[:, None], classes=cls)
+    assert np.allclose(half["p_auroc"], per_cls["p_auroc"], atol=2e-3)
+
+
+def test_defect_kind_metrics_inputs():
+    lab, sc, kinds, mk, mp, cls = _kind_case(3)
+    with pytest.raises(ValueError, match="maps: 3 maps"): defect_kind_metrics(lab, sc, kinds, mk[:3], mp[:3])
+    with pytest.raises(ValueError, match="non-finite"): defect_kind_metrics(lab, np.where(lab, np.nan, sc), kinds)
+    with pytest.raises(ValueError, match="classes: 2 values"): defect_kind_metrics(lab, sc, kinds, classes=["a", "b"])
+    empty = mk.copy(); empty[kinds == "dent"] = False   # a kind without pixel ground truth: NaN, the others unchanged
+    d = defect_kind_metrics(lab, sc, kinds, empty, mp)
+    assert np.isnan(d.loc["dent", "p_auroc"]) and d.loc["hole", "p_auroc"] == defect_kind_metrics(lab, sc, kinds, mk, mp).loc["hole", "p_auroc"]
+
+
+def test_defect_kind_reads_every_layout(tmp_path):
+    from vqflow_nb.synthetic import make_synthetic
+    from vqflow_nb.data import scan_dataset
+    kw = dict(classes=["bar"], n_train=1, n_test_good=1, n_test_bad=4, size=32)
+    for layout in ("mvtec", "visa_mvtec", "visa_csv"):
+        root = make_synthetic(tmp_path / layout, layout=layout, **kw)
+        recs = scan_dataset(root, "test") + scan_dataset(root, "train")
+        assert [defect_kind(r.path) for r in recs] == [r.defect for r in recs], layout
+    assert {defect_kind(r.path) for r in scan_dataset(tmp_path / "mvtec", "test")} == {"good", "blob", "scratch", "stain", "missing"}

@@ -14,7 +14,8 @@ from .core import exists, default, in_test
 
 # %% auto #0
 __all__ = ['METRIC_KEYS', 'IMAGE_KEYS', 'PIXEL_KEYS', 'f1_max', 'image_metrics', 'trapezoid_to', 'pro_curve_exact',
-           'pro_curve_approx', 'aupro', 'pixel_metrics', 'class_metrics', 'evaluate_classes', 'MetricAccumulator']
+           'pro_curve_approx', 'aupro', 'pixel_metrics', 'class_metrics', 'evaluate_classes', 'defect_kind',
+           'defect_kind_metrics', 'MetricAccumulator']
 
 # %% ../nbs/03_metrics.ipynb #2696fb0e
 METRIC_KEYS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")
@@ -348,6 +349,60 @@ def _with_mean(rows:dict) -> pd.DataFrame:
     df.loc["mean"] = pd.Series(mean)
     df.attrs["n_averaged"] = counts   # per metric: how many classes the mean row averages
     return df
+
+# %% ../nbs/03_metrics.ipynb #7b3aa309
+from pathlib import PurePath
+
+def defect_kind(path, # an image path of a dataset tree (str or Path)
+               ) -> str:
+    "The defect kind of an image from its path: the folder below `test/`/`train/` ('good' for normal images); VisA csv: 'good'/'bad'."
+    p = PurePath(path)
+    if p.parent.parent.name in ("test", "train"): return p.parent.name
+    if p.parent.parent.name == "Images" and p.parent.name in ("Normal", "Anomaly"):  # VisA original: Data/Images/{Normal,Anomaly}
+        return "good" if p.parent.name == "Normal" else "bad"
+    raise ValueError(f"defect_kind: cannot read a defect kind from {str(path)!r}; expected .../test/<kind>/<image> "
+                     "(MVTec AD, converted VisA) or .../Data/Images/{Normal,Anomaly}/<image> (original VisA)")
+
+# %% ../nbs/03_metrics.ipynb #b58a8fd4
+def _nanmean(v) -> float:
+    v = np.asarray(v, np.float64); v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+def _kind_pixel_auroc(mk:np.ndarray, mp:np.ndarray) -> float:
+    "Pixel AUROC of one pool of maps (the one-sort path of `pixel_metrics`); NaN if the pool has no anomalous pixel."
+    if not mk.any() or mk.all(): return float("nan")
+    return _roc_pr_from_sorted(*_sort_desc(mp.ravel(), mk.ravel()))["p_auroc"]
+
+def defect_kind_metrics(labels, # (N,) 0 = normal, 1 = anomalous
+                        scores, # (N,) image scores, higher = more anomalous
+                        kinds, # (N,) defect kind of every image (e.g. `defect_kind(path)`); read for anomalous images only
+                        masks=None, # (N,H,W) / (N,1,H,W) GT masks, or None (image level only)
+                        maps=None, # (N,H,W) / (N,1,H,W) anomaly maps, or None
+                        classes=None, # (N,) class of every image: metrics per class, then the mean over classes; None = one pool
+                       ) -> pd.DataFrame:
+    "One row per defect kind k: image AUROC of good vs kind-k images, pixel AUROC over good + kind-k images."
+    y = _as_labels(labels); s = _check_finite(_np(scores, "scores").ravel(), "scores"); n = y.size
+    kinds = np.asarray([str(k) for k in kinds]); groups = np.zeros(n, int) if classes is None else np.asarray(classes)
+    for name, a in [("scores", s), ("kinds", kinds), ("classes", groups)]:
+        if len(a) != n: raise ValueError(f"{name}: {len(a)} values for {n} labels")
+    if not (~y).any(): raise ValueError("labels: no normal image, the AUROC of a defect kind against good images is undefined")
+    pixel = masks is not None and maps is not None
+    if pixel:
+        mp = _check_finite(_as_maps(maps, "maps"), "maps"); mk = _as_masks(masks, mp.shape)
+        if len(mp) != n: raise ValueError(f"maps: {len(mp)} maps for {n} labels")
+        if mp.dtype not in (np.float32, np.float64): mp = mp.astype(np.float32)
+    rows = {}
+    for k in sorted(set(kinds[y])):
+        ia, pa, nd, ng, nc = [], [], 0, 0, 0
+        for g in np.unique(groups):
+            good, bad = (groups == g) & ~y, (groups == g) & y & (kinds == k)
+            if not (good.any() and bad.any()): continue   # a class without this kind (or without good images)
+            idx = good | bad
+            ia.append(roc_auc_score(y[idx], s[idx]))
+            pa.append(_kind_pixel_auroc(mk[idx], mp[idx]) if pixel else np.nan)
+            nd, ng, nc = nd + int(bad.sum()), ng + int(good.sum()), nc + 1
+        rows[k] = dict(i_auroc=_nanmean(ia), p_auroc=_nanmean(pa), n_defective=nd, n_good=ng, n_classes=nc)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["i_auroc", "p_auroc", "n_defective", "n_good", "n_classes"])
 
 # %% ../nbs/03_metrics.ipynb #387920fc
 class MetricAccumulator:

@@ -4,20 +4,36 @@
 
 # %% ../nbs/01a_synthetic.ipynb #268b82ff
 from __future__ import annotations
-import csv, json, shutil
+import csv, json, os, shutil
+from concurrent.futures import ThreadPoolExecutor
 from .core import file_lock
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
 # %% auto #0
-__all__ = ['SYNTH_CLASSES', 'SYNTH_OBJECTS', 'SYNTH_DEFECTS', 'LAYOUTS', 'synth_image', 'make_synthetic']
+__all__ = ['SYNTH_CLASSES', 'SYNTH_OBJECTS', 'SYNTH_DEFECTS', 'BENCH_OBJECTS', 'BENCH_CLASSES', 'BENCH_DEFECTS',
+           'DEFECT_DIFFICULTY', 'LAYOUTS', 'SYNTH_PRESETS', 'defect_kinds', 'synth_image', 'make_synthetic']
 
 # %% ../nbs/01a_synthetic.ipynb #f95bc842
 SYNTH_CLASSES = ("stripes", "wood", "leather", "bottle", "bar")  # 3 textures + 2 objects, as MVTec mixes both
 SYNTH_OBJECTS = ("bottle", "bar")  # classes with a foreground object (can lose a part)
 SYNTH_DEFECTS = {c: ("blob", "scratch", "stain") + (("missing",) if c in SYNTH_OBJECTS else ())
                  for c in SYNTH_CLASSES}
+
+# %% ../nbs/01a_synthetic.ipynb #3ace57e5
+BENCH_OBJECTS = ("bottle", "bar", "pill", "nut", "chip")
+BENCH_CLASSES = ("stripes", "wood", "leather", "grid", "tile") + BENCH_OBJECTS  # 5 textures + 5 objects
+BENCH_DEFECTS = {c: ("blob", "scratch", "stain", "missing" if c in BENCH_OBJECTS else "warp",
+                     "faint", "speck", "thin", "cross_class") for c in BENCH_CLASSES}
+DEFECT_DIFFICULTY = dict(blob="easy", scratch="easy", stain="easy", missing="easy",
+                         warp="medium", cross_class="medium", faint="hard", speck="hard", thin="hard")
+
+def _is_object(c): return c in BENCH_OBJECTS  # a superset of SYNTH_OBJECTS
+
+def defect_kinds(cls_name:str) -> tuple:
+    "Every defect kind `synth_image` can draw on class `cls_name` (both presets)."
+    return tuple(dict.fromkeys(SYNTH_DEFECTS.get(cls_name, ()) + BENCH_DEFECTS.get(cls_name, ())))
 
 # %% ../nbs/01a_synthetic.ipynb #f96fa10f
 def _smooth_noise(rng:np.random.Generator, size:int, cells:int) -> np.ndarray:
@@ -90,6 +106,78 @@ _RENDER = dict(stripes=_render_stripes, wood=_render_wood, leather=_render_leath
                bottle=_render_bottle, bar=_render_bar)
 _BG = dict(bottle=0.08, bar=0.82)  # background grey of the objects (what a "missing" part shows)
 
+# %% ../nbs/01a_synthetic.ipynb #26e6fcd0
+def _render_grid(rng, S):
+    "Woven mesh (a carpet/grid texture): two crossing sinusoids with an over-under term and fibre noise."
+    yy, xx = _grid(S)
+    a = np.deg2rad(rng.uniform(-4, 4)); f = 14 + rng.uniform(-1, 1); ph = rng.uniform(0, 2 * np.pi, 2)
+    u, w = xx * np.cos(a) + yy * np.sin(a), -xx * np.sin(a) + yy * np.cos(a)
+    su, sw = np.sin(2 * np.pi * f * u + ph[0]), np.sin(2 * np.pi * f * w + ph[1])
+    v = 0.5 + 0.25 * (su + sw) + 0.15 * su * sw
+    c1, c2 = _jitter(rng, (0.12, 0.28, 0.3), 0.04), _jitter(rng, (0.45, 0.7, 0.68), 0.04)
+    return c1 + (c2 - c1) * np.clip(v + 0.15 * (_smooth_noise(rng, S, 96) - 0.5), 0, 1)[..., None], np.ones((S, S), bool)
+
+def _render_tile(rng, S):
+    "Square tiles with grout lines; every tile its own shade."
+    yy, xx = _grid(S)
+    n = 5 + rng.uniform(-0.3, 0.3); oy, ox = rng.uniform(0, 1, 2)
+    ty, tx = yy * n + oy, xx * n + ox
+    shade = rng.uniform(-0.05, 0.05, (int(n) + 3, int(n) + 3))[np.floor(ty).astype(int), np.floor(tx).astype(int)]
+    gw = 0.07 + rng.uniform(-0.01, 0.01)  # grout width in tile units
+    grout = (np.minimum(ty % 1, 1 - ty % 1) < gw / 2) | (np.minimum(tx % 1, 1 - tx % 1) < gw / 2)
+    img = (_jitter(rng, (0.86, 0.8, 0.68), 0.03) + shade[..., None]) * (0.95 + 0.1 * _smooth_noise(rng, S, 32))[..., None]
+    return np.where(grout[..., None], _jitter(rng, (0.45, 0.45, 0.48), 0.03), img), np.ones((S, S), bool)
+
+# %% ../nbs/01a_synthetic.ipynb #23162d1d
+def _capsule(yy, xx, cy, cx, a, half, rad):
+    "Distance to a capsule's axis segment (centre, angle `a`, half-length `half`), in units of its radius `rad`."
+    u = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a); w = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
+    return np.sqrt(np.maximum(np.abs(u) - half, 0) ** 2 + w ** 2) / rad
+
+def _render_pill(rng, S):
+    "A white capsule with red specks on a slate background."
+    yy, xx = _grid(S)
+    cy, cx = 0.5 + rng.uniform(-0.03, 0.03, 2); a = np.deg2rad(rng.uniform(-6, 6))
+    A, B = 0.38 + rng.uniform(-0.02, 0.02), 0.17 + rng.uniform(-0.01, 0.01)
+    d = _capsule(yy, xx, cy, cx, a, A - B, B); obj = d < 1
+    body = _jitter(rng, (0.92, 0.9, 0.84), 0.03) * (1.0 - 0.25 * d ** 2)[..., None]
+    canvas = Image.new("L", (S, S), 0); draw = ImageDraw.Draw(canvas)
+    ys, xs = np.nonzero(obj)
+    for k in rng.integers(len(ys), size=int(rng.integers(25, 40))):
+        r = S * rng.uniform(0.004, 0.008); draw.ellipse([xs[k] - r, ys[k] - r, xs[k] + r, ys[k] + r], fill=255)
+    specks = (np.asarray(canvas) > 0) & obj
+    body = np.where(specks[..., None], _jitter(rng, (0.7, 0.18, 0.15), 0.04), body)
+    img = np.full((S, S, 3), _BG["pill"], np.float32) + 0.03 * (_smooth_noise(rng, S, 12)[..., None] - 0.5)
+    return np.where(obj[..., None], body, img), obj
+
+def _render_nut(rng, S):
+    "A hexagonal nut with a threaded hole and directional metal shading, on sand; any rotation is normal."
+    yy, xx = _grid(S)
+    cy, cx = 0.5 + rng.uniform(-0.03, 0.03, 2); rot = rng.uniform(0, np.pi / 3)
+    R, r = 0.33 + rng.uniform(-0.015, 0.015), 0.13 + rng.uniform(-0.01, 0.01)
+    ang = np.arctan2(yy - cy, xx - cx) - rot; rho = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+    hexr = R * np.cos(np.pi / 6) / np.cos(ang % (np.pi / 3) - np.pi / 6)  # radius of the hexagon's edge at this angle
+    obj = (rho < hexr) & (rho > r + 0.006 * np.sin(24 * ang))
+    shade = 0.8 + 0.25 * np.cos(ang - rng.uniform(0, 2 * np.pi)) + 0.1 * (_smooth_noise(rng, S, 48) - 0.5)
+    body = _jitter(rng, (0.62, 0.63, 0.66), 0.04) * (shade * np.where(rho > 0.85 * hexr, 0.8, 1.0))[..., None]
+    img = np.full((S, S, 3), _BG["nut"], np.float32) + 0.04 * (_smooth_noise(rng, S, 24)[..., None] - 0.5)
+    return np.where(obj[..., None], body, img), obj
+
+def _render_chip(rng, S):
+    "A black IC package with gold pins on two sides, on a green circuit board."
+    yy, xx = _grid(S)
+    cy, cx = 0.5 + rng.uniform(-0.03, 0.03, 2); h, wd = 0.2 + rng.uniform(-0.01, 0.01), 0.26 + rng.uniform(-0.01, 0.01)
+    body = (np.abs(yy - cy) < h) & (np.abs(xx - cx) < wd)
+    p = (yy - (cy - h)) / (2 * h / 7)  # 7 pins per side
+    pin = (np.abs(p % 1 - 0.5) < 0.22) & (p > 0) & (p < 7) & (np.abs(xx - cx) >= wd) & (np.abs(xx - cx) < wd + 0.08)
+    img = _jitter(rng, _BG["chip"], 0.03) * (0.9 + 0.2 * _smooth_noise(rng, S, 16))[..., None]
+    img = np.where(body[..., None], _jitter(rng, (0.13, 0.13, 0.15), 0.02) * (1 + 0.3 * _smooth_noise(rng, S, 64))[..., None], img)
+    gold = _jitter(rng, (0.85, 0.7, 0.32), 0.04) * (0.85 + 0.15 * _smooth_noise(rng, S, 32))[..., None]
+    return np.where(pin[..., None], gold, img), body | pin
+
+_BG.update(pill=(0.2, 0.24, 0.3), nut=(0.78, 0.7, 0.52), chip=(0.1, 0.42, 0.2))
+_RENDER.update(grid=_render_grid, tile=_render_tile, pill=_render_pill, nut=_render_nut, chip=_render_chip)
+
 # %% ../nbs/01a_synthetic.ipynb #4cfde378
 def _irregular_region(rng, S, cy, cx, r):
     "Irregular blob: pixels whose distance to (cy,cx), perturbed by smooth noise, is below r (all in [0,1] units)."
@@ -102,11 +190,11 @@ def _pick_point(rng, fg):
     ys, xs = np.nonzero(fg); i = rng.integers(len(ys)); S = fg.shape[0]
     return (ys[i] + 0.5) / S, (xs[i] + 0.5) / S
 
-def _defect(rng, kind, img, fg, cls_name):
+def _defect(rng, kind, img, fg, cls_name, donors=()):
     "Return (defect image, region) for one defect `kind`; the caller composites them."
     S = img.shape[0]
     # keep centres off the object's border so most of the region lies on the object
-    core = fg if cls_name not in SYNTH_OBJECTS else _erode(fg, int(0.08 * S))
+    core = fg if not _is_object(cls_name) else _erode(fg, int(0.08 * S))
     if kind == "blob":
         cy, cx = _pick_point(rng, core); M = _irregular_region(rng, S, cy, cx, rng.uniform(0.06, 0.12))
         tex = _smooth_noise(rng, S, 96)
@@ -118,21 +206,25 @@ def _defect(rng, kind, img, fg, cls_name):
     elif kind == "scratch":
         cy, cx = _pick_point(rng, core)
         a, ln, bend = rng.uniform(0, np.pi), rng.uniform(0.25, 0.45), rng.uniform(-0.1, 0.1)
-        t = np.linspace(-0.5, 0.5, 40)
-        pts = [((cx + ln * s * np.cos(a) - bend * (1 - 4 * s * s) * np.sin(a)) * S,
-                (cy + ln * s * np.sin(a) + bend * (1 - 4 * s * s) * np.cos(a)) * S) for s in t]
-        canvas = Image.new("L", (S, S), 0)
-        ImageDraw.Draw(canvas).line(pts, fill=255, width=max(2, int(round(S * rng.uniform(0.016, 0.026)))),
-                                    joint="curve")
-        M = np.asarray(canvas) > 0
+        M = _curve(S, cy, cx, a, ln, bend, max(2, int(round(S * rng.uniform(0.016, 0.026)))))
         D = np.broadcast_to(np.float32(0.97 if img[fg].mean() < 0.5 else 0.03), img.shape)
     elif kind == "missing":
-        if cls_name not in SYNTH_OBJECTS: raise ValueError(f"defect 'missing' needs an object class, got {cls_name!r}")
+        if not _is_object(cls_name): raise ValueError(f"defect 'missing' needs an object class, got {cls_name!r}")
         edge = fg & ~_erode(fg, 2)
         cy, cx = _pick_point(rng, edge); M = _irregular_region(rng, S, cy, cx, rng.uniform(0.12, 0.18))
         D = np.full_like(img, _BG[cls_name])
-    else: raise ValueError(f"unknown defect kind {kind!r}; expected one of {SYNTH_DEFECTS[cls_name]}")
+    elif kind in _SUBTLE: return _SUBTLE[kind](rng, img, fg, core, cls_name, donors)  # each confines its own region
+    else: raise ValueError(f"unknown defect kind {kind!r}; expected one of {defect_kinds(cls_name)}")
     return D, M & fg
+
+def _curve(S, cy, cx, a, ln, bend, width):
+    "Mask of a bent line of length `ln` through (cy,cx) at angle `a`, `width` pixels wide ([0,1] units)."
+    t = np.linspace(-0.5, 0.5, 40)
+    pts = [((cx + ln * s * np.cos(a) - bend * (1 - 4 * s * s) * np.sin(a)) * S,
+            (cy + ln * s * np.sin(a) + bend * (1 - 4 * s * s) * np.cos(a)) * S) for s in t]
+    canvas = Image.new("L", (S, S), 0)
+    ImageDraw.Draw(canvas).line(pts, fill=255, width=width, joint="curve")
+    return np.asarray(canvas) > 0
 
 def _erode(m, k):
     from scipy.ndimage import binary_erosion
@@ -143,38 +235,94 @@ def _far_colour(mean_rgb):
     "The palette colour farthest from the image's mean colour (so a stain is always visible)."
     return _PALETTE[np.argmax(((_PALETTE - mean_rgb) ** 2).sum(1))]
 
+# %% ../nbs/01a_synthetic.ipynb #5a05f12f
+def _warp(rng, img, fg, core, cls_name, donors):
+    if _is_object(cls_name): raise ValueError(f"defect 'warp' needs a texture class, got {cls_name!r}")
+    from scipy.ndimage import map_coordinates
+    S = img.shape[0]
+    cy, cx = _pick_point(rng, core); M = _irregular_region(rng, S, cy, cx, rng.uniform(0.1, 0.15))
+    th = rng.choice([-1, 1]) * np.deg2rad(rng.uniform(25, 60)); s = rng.uniform(1.3, 1.7)
+    t = rng.uniform(0.15, 0.3, 2) * rng.choice([-1, 1], 2)  # the shift leaves no fixed point inside the region
+    yy, xx = _grid(S); py, px = yy - cy, xx - cx
+    sy = (cy + t[0] + (np.cos(th) * py - np.sin(th) * px) / s) * S - 0.5
+    sx = (cx + t[1] + (np.sin(th) * py + np.cos(th) * px) / s) * S - 0.5
+    return np.stack([map_coordinates(img[..., k], [sy, sx], order=1, mode="mirror") for k in range(3)], -1), M & fg
+
+def _cross_class(rng, img, fg, core, cls_name, donors):
+    if not donors: raise ValueError("defect 'cross_class' needs donor classes")
+    S = img.shape[0]; yy, xx = _grid(S)
+    th = rng.uniform(0, 2 * np.pi)  # a wavy boundary across the image; 30-50 % of it lies beyond
+    proj = (yy - 0.5) * np.sin(th) + (xx - 0.5) * np.cos(th) + 0.08 * (_smooth_noise(rng, S, 4) - 0.5)
+    M = proj > np.quantile(proj, 1 - rng.uniform(0.3, 0.5))
+    return _RENDER[donors[rng.integers(len(donors))]](rng, S)[0], M  # not confined to the object: donor and host both whole
+
+def _faint(rng, img, fg, core, cls_name, donors):
+    cy, cx = _pick_point(rng, core); M = _irregular_region(rng, img.shape[0], cy, cx, rng.uniform(0.08, 0.14))
+    d = rng.normal(size=3).astype(np.float32)
+    return img + rng.uniform(0.04, 0.06) * d / np.linalg.norm(d), M & fg
+
+def _speck(rng, img, fg, core, cls_name, donors):
+    cy, cx = _pick_point(rng, core); M = _irregular_region(rng, img.shape[0], cy, cx, rng.uniform(0.008, 0.014))
+    return img + np.float32(-0.18 if img[fg].mean() > 0.5 else 0.18), M & fg  # a darker (brighter) dot of the local colour
+
+def _thin(rng, img, fg, core, cls_name, donors):
+    cy, cx = _pick_point(rng, core)
+    M = _curve(img.shape[0], cy, cx, rng.uniform(0, np.pi), rng.uniform(0.12, 0.22), rng.uniform(-0.1, 0.1), 1)
+    return 0.85 * img + 0.15 * np.float32(0.97 if img[fg].mean() < 0.5 else 0.03), M & fg
+
+_SUBTLE = dict(warp=_warp, cross_class=_cross_class, faint=_faint, speck=_speck, thin=_thin)
+_MIN_FRAC = dict(speck=0.0001, thin=0.0003)  # small by design; every other kind: 0.004 of the image
+
+def _imaging(rng, S):
+    "The benchmark's per-image photometric variation: channel gains, an illumination gradient, sensor noise."
+    gain = (rng.uniform(0.88, 1.12) * rng.uniform(0.97, 1.03, 3)).astype(np.float32)
+    light = 1 + 0.24 * (_smooth_noise(rng, S, 3) - 0.5)
+    noise = rng.normal(0, rng.uniform(0.005, 0.02), (S, S, 3)).astype(np.float32)
+    return lambda x: x * gain * light[..., None] + noise
+
 # %% ../nbs/01a_synthetic.ipynb #03a7631d
-def synth_image(cls_name:str, # one of `SYNTH_CLASSES`
+def synth_image(cls_name:str, # one of `SYNTH_CLASSES` or `BENCH_CLASSES`
                 rng:np.random.Generator, # the generator that fixes this image
                 size:int=256, # side in pixels
-                defect:str|None=None, # None for a normal image, else one of `SYNTH_DEFECTS[cls_name]`
-                min_frac:float=0.004, # smallest accepted defect area (fraction of the image), redrawn otherwise
+                defect:str|None=None, # None for a normal image, else one of `defect_kinds(cls_name)`
+                min_frac:float|None=None, # smallest accepted defect area (fraction of the image), redrawn otherwise; None = 0.004 (speck 0.0001, thin 0.0003)
+                donors:tuple|None=None, # classes a `cross_class` patch may come from; None = the other `BENCH_CLASSES`
+                imaging:bool=False, # add the benchmark's photometric variation (gain, illumination, noise)
                ) -> tuple[np.ndarray, np.ndarray]:
     "Draw one image (H,W,3) uint8 and its exact defect mask (H,W) bool (all False when `defect` is None)."
-    if cls_name not in _RENDER: raise ValueError(f"unknown synthetic class {cls_name!r}; expected one of {SYNTH_CLASSES}")
+    if cls_name not in _RENDER: raise ValueError(f"unknown synthetic class {cls_name!r}; expected one of {BENCH_CLASSES}")
     img, fg = _RENDER[cls_name](rng, size)
     img = np.clip(img, 0, 1).astype(np.float32)
+    shoot = _imaging(rng, size) if imaging else None  # drawn before the defect: a defect never changes it
     M = np.zeros((size, size), bool)
     if defect is not None:
-        if defect not in SYNTH_DEFECTS[cls_name]:
-            raise ValueError(f"defect {defect!r} not available for {cls_name!r}; expected one of {SYNTH_DEFECTS[cls_name]}")
+        if defect not in defect_kinds(cls_name):
+            raise ValueError(f"defect {defect!r} not available for {cls_name!r}; expected one of {defect_kinds(cls_name)}")
+        min_frac = _MIN_FRAC.get(defect, 0.004) if min_frac is None else min_frac
+        donors = tuple(c for c in BENCH_CLASSES if c != cls_name) if donors is None else tuple(donors)
         for _ in range(50):  # redraw (deterministically) until the region is big enough to matter
-            D, M = _defect(rng, defect, img, fg, cls_name)
+            D, M = _defect(rng, defect, img, fg, cls_name, donors)
             if M.mean() >= min_frac: break
         else: raise RuntimeError(f"could not draw a {defect} defect of area >= {min_frac} on {cls_name}")
-        img = np.where(M[..., None], np.clip(D, 0, 1), img)
+        img = np.where(M[..., None], np.clip(D, 0, 1).astype(np.float32), img)  # float32 throughout: same rounding outside M
+    if shoot is not None: img = np.clip(shoot(img), 0, 1)  # pixel-wise, so the mask stays exact
     return (img * 255 + 0.5).astype(np.uint8), M
 
 # %% ../nbs/01a_synthetic.ipynb #0bb22e89
 LAYOUTS = ("mvtec", "visa_mvtec", "visa_csv")
 _ROLE = dict(train=0, test_good=1, test_bad=2)
+SYNTH_PRESETS = dict(
+    default=dict(classes=SYNTH_CLASSES, defects=SYNTH_DEFECTS, n_train=16, n_test_good=6, n_test_bad=8, imaging=False),
+    # 10 classes x 28 = 280 training images: 35 optimiser steps per epoch at batch 8
+    benchmark=dict(classes=BENCH_CLASSES, defects=BENCH_DEFECTS, n_train=28, n_test_good=12, n_test_bad=24, imaging=True))
+_SEED_TAG = dict(default=(), benchmark=(1,))  # appended to every image's seed; the default keeps its original streams
 
-def _plan(classes, n_train, n_test_good, n_test_bad):
+def _plan(classes, defects, n_train, n_test_good, n_test_bad):
     "Yield (class, role, index, defect) for every image of the dataset."
     for c in classes:
         for i in range(n_train): yield c, "train", i, None
         for i in range(n_test_good): yield c, "test_good", i, None
-        for i in range(n_test_bad): yield c, "test_bad", i, SYNTH_DEFECTS[c][i % len(SYNTH_DEFECTS[c])]
+        for i in range(n_test_bad): yield c, "test_bad", i, defects[c][i % len(defects[c])]
 
 def _save(arr, path, jpg=False):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,35 +331,42 @@ def _save(arr, path, jpg=False):
 
 # %% ../nbs/01a_synthetic.ipynb #1be2e91d
 def make_synthetic(root:str|Path, # folder to write into (created)
-                   classes:list[str]|None=None, # subset of `SYNTH_CLASSES`; None = all
-                   n_train:int=16, # normal training images per class
-                   n_test_good:int=6, # normal test images per class
-                   n_test_bad:int=8, # defective test images per class (defect kinds cycle)
+                   classes:list[str]|None=None, # subset of the preset's classes; None = all
+                   n_train:int|None=None, # normal training images per class; None = the preset's (16; benchmark 28)
+                   n_test_good:int|None=None, # normal test images per class; None = the preset's (6; benchmark 12)
+                   n_test_bad:int|None=None, # defective test images per class, defect kinds cycle; None = the preset's (8; benchmark 24)
                    size:int=256, # image side in pixels
                    seed:int=0, # fixes every pixel
                    layout:str="mvtec", # "mvtec", "visa_mvtec" or "visa_csv" (see the table above)
                    overwrite:bool=False, # rebuild even if `root` holds this build; needed if it holds another
+                   preset:str="default", # "default" (the smoke set) or "benchmark", see `SYNTH_PRESETS`
                   ) -> Path:
     "Write a seeded synthetic multi-class anomaly dataset under `root` in a real dataset layout; return `root`."
     root = Path(root)
+    if preset not in SYNTH_PRESETS: raise ValueError(f"unknown preset {preset!r}; expected one of {list(SYNTH_PRESETS)}")
+    P = SYNTH_PRESETS[preset]
+    n_train, n_test_good, n_test_bad = (P[k] if v is None else v for k, v in
+                                        [("n_train", n_train), ("n_test_good", n_test_good), ("n_test_bad", n_test_bad)])
     # nbdev_test runs notebooks in parallel and several build the same default dataset: one builder at a time
     with file_lock(root.parent / f".{root.name}.lock"):
-        classes = list(SYNTH_CLASSES if classes is None else classes)
-        bad = [c for c in classes if c not in SYNTH_CLASSES]
-        if bad: raise ValueError(f"unknown synthetic classes {bad}; expected a subset of {SYNTH_CLASSES}")
+        classes = list(P["classes"] if classes is None else classes)
+        bad = [c for c in classes if c not in P["classes"]]
+        if bad: raise ValueError(f"unknown synthetic classes {bad}; expected a subset of {P['classes']}"
+                                 + ("" if preset == "default" else f" (preset {preset!r})"))
         if layout not in LAYOUTS: raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
         for k, v in dict(n_train=n_train, n_test_good=n_test_good, n_test_bad=n_test_bad).items():
             if v < 0: raise ValueError(f"{k} must be >= 0, got {v}")
         if size < 32: raise ValueError(f"size must be >= 32 pixels, got {size}")
         params = dict(version=1, classes=classes, n_train=n_train, n_test_good=n_test_good,
                       n_test_bad=n_test_bad, size=size, seed=seed, layout=layout)
+        if preset != "default": params["preset"] = preset  # default manifests stay as they were
         man = root / "synthetic.json"
         if man.exists():
             old = json.loads(man.read_text())
-            same = {k: old.get(k) for k in params} == params
+            same = {k: old.get(k) for k in params} == params and old.get("preset", "default") == preset
             if same and not overwrite and all((root / f).exists() for f in old.get("files", [])): return root
             if not same and not overwrite:
-                raise ValueError(f"{root} holds a different synthetic build ({ {k: old.get(k) for k in params} }); "
+                raise ValueError(f"{root} holds a different synthetic build ({ {k: old.get(k) for k in [*params, 'preset']} }); "
                                  "pass overwrite=True or use another folder")
             for top in sorted({Path(f).parts[0] for f in old.get("files", [])}): shutil.rmtree(root / top, ignore_errors=True)
             man.unlink()
@@ -221,11 +376,10 @@ def make_synthetic(root:str|Path, # folder to write into (created)
             for top in classes + ["split_csv"]: shutil.rmtree(root / top, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
 
-        files, rows, n_normal, n_anom, n_def = [], [], {}, {}, {}
-        for c, role, i, defect in _plan(classes, n_train, n_test_good, n_test_bad):
-            rng = np.random.default_rng([seed, SYNTH_CLASSES.index(c), _ROLE[role], i])
-            img, m = synth_image(c, rng, size, defect)
-            msk = None
+        files, rows, jobs, n_normal, n_def = [], [], [], {}, {}
+        for c, role, i, defect in _plan(classes, P["defects"], n_train, n_test_good, n_test_bad):
+            ci = P["classes"].index(c)
+            msk = mval = None
             if layout == "mvtec":
                 sub = "train/good" if role == "train" else "test/good" if role == "test_good" else f"test/{defect}"
                 j = i if defect is None else n_def.setdefault((c, defect), 0)
@@ -244,11 +398,20 @@ def make_synthetic(root:str|Path, # folder to write into (created)
                     name = f"{c}/Data/Images/Normal/{k:04d}.JPG"
                 else:
                     name, msk = f"{c}/Data/Images/Anomaly/{i:03d}.JPG", f"{c}/Data/Masks/Anomaly/{i:03d}.png"
-                    mval = 1 + SYNTH_CLASSES.index(c) % 3  # raw VisA masks hold small values, not 255
+                    mval = 1 + ci % 3  # raw VisA masks hold small values, not 255
                 rows.append(dict(object=c, split="train" if role == "train" else "test",
                                  label="normal" if defect is None else "anomaly", image=name, mask=msk or ""))
-            _save(img, root / name, jpg=name.endswith(".JPG")); files.append(name)
-            if msk: _save((m * mval).astype(np.uint8), root / msk); files.append(msk)
+            donors = [d for d in classes if d != c] or [d for d in P["classes"] if d != c]
+            jobs.append((c, [seed, ci, _ROLE[role], i, *_SEED_TAG[preset]], defect, donors, name, msk, mval))
+            files += [name] + ([msk] if msk else [])
+
+        def draw(job):  # every image has its own generator: the order of drawing does not matter
+            c, key, defect, donors, name, msk, mval = job
+            img, m = synth_image(c, np.random.default_rng(key), size, defect, donors=donors, imaging=P["imaging"])
+            _save(img, root / name, jpg=name.endswith(".JPG"))
+            if msk: _save((m * mval).astype(np.uint8), root / msk)
+        # numpy and PIL's encoders release the GIL: threads use every core (the build is dominated by pixel work)
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex: list(ex.map(draw, jobs))
         if layout == "visa_csv":
             (root / "split_csv").mkdir(exist_ok=True)
             with open(root / "split_csv" / "1cls.csv", "w", newline="") as f:
