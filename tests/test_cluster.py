@@ -116,7 +116,7 @@ def test_grid_same_numbers_as_local_engine(cluster, tmp_path):
 def test_real_run_same_numbers_as_local_engine(cluster, tmp_path, monkeypatch):
     "A real tiny VQ-Flow run (two synthetic classes, 64 px, 2 epochs) gives the same metrics through Ray and locally."
     cfg = dict(resources=dict(num_cpus=2), runs=[dict(notebook='nbs/replicate/synthetic.ipynb', dataset='synthetic',
-               methods=['vqflow'], seeds=[3], parameters=dict(classes=['bottle', 'stripes'], image_size=64, epochs=2,
+               methods=['vqflow'], seeds=[3], parameters=dict(data_root=str(synthetic_root()), classes=['bottle', 'stripes'], image_size=64, epochs=2,
                batch_size=4, eval_every=1, lr=1e-3, cache_dir=str(tmp_path/'cache')))])
     monkeypatch.setenv('VQFLOW_THREADS', '2')                      # the threads a Ray task gets from num_cpus=2
     t = time.time(); local = replicate(cfg, results=tmp_path/'local', progress=False); t_local = time.time() - t

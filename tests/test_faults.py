@@ -58,9 +58,9 @@ def test_resume_with_reassignment_is_bit_identical(tmp_path, monkeypatch):
 _RUN = '''
 import sys, json, torch
 from pathlib import Path
-from vqflow_nb.replicate import run_experiment
+from vqflow_nb.replicate import run_experiment, synthetic_root
 torch.set_num_threads(1)
-run = run_experiment('synthetic', classes=['bottle', 'stripes'], image_size=128, epochs={epochs}, batch_size=4,
+run = run_experiment('synthetic', data_root=str(synthetic_root()), classes=['bottle', 'stripes'], image_size=128, epochs={epochs}, batch_size=4,
                      eval_every=2, lr=1e-3, out_dir=sys.argv[1], cache_dir=sys.argv[2], progress=False)
 print('DONE')
 '''

@@ -92,7 +92,7 @@ def make_extractor(backbone:str|None=None, # a preset of `vqflow_nb.features.PRE
 def resolve_data(dataset:str, # 'synthetic', 'mvtec_ad', 'visa' or any name (MVTec layout)
                  data_root:str|Path|None=None, # the dataset folder; None only for 'synthetic'
                 ) -> Path:
-    "The dataset folder: `data_root`, or the synthetic default (built if missing) for dataset 'synthetic'."
+    "The dataset folder: `data_root`, or for dataset 'synthetic' the embedded benchmark (built if missing)."
     if exists(data_root):
         p = Path(data_root).expanduser()
         if not p.exists(): raise FileNotFoundError(f'data_root {p} does not exist')
@@ -101,11 +101,11 @@ def resolve_data(dataset:str, # 'synthetic', 'mvtec_ad', 'visa' or any name (MVT
         raise ValueError(f"dataset {dataset!r} needs data_root: pass `-p data_root /path/to/{dataset}` to papermill "
                          f"(or data_root=... in Python, `-p data_root=...` to vqflow-replicate). The embedded synthetic "
                          f"data is dataset 'synthetic' (nbs/replicate/synthetic.ipynb).")
-    from vqflow_nb.synthetic import make_synthetic
-    return make_synthetic(project_root()/'data'/'synthetic_mvtec', layout='mvtec')
+    from vqflow_nb.synthetic import make_synthetic   # the embedded benchmark (10 classes, 8 graded defect kinds)
+    return make_synthetic(project_root()/'data'/'synthetic_benchmark', layout='mvtec', preset='benchmark')
 
 def synthetic_root(dataset:str='mvtec_ad') -> Path:
-    "The synthetic data in the layout of a dataset family (what the notebooks' smoke tests pass as data_root)."
+    "The small default synthetic set in a dataset family's layout (what the notebooks' smoke tests pass as data_root)."
     from vqflow_nb.synthetic import make_synthetic
     layout = 'visa_csv' if dataset == 'visa' else 'mvtec'
     return make_synthetic(project_root()/'data'/f'synthetic_{layout}', layout=layout)
