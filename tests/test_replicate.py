@@ -117,3 +117,10 @@ def test_real_dataset_notebook_needs_data_root(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match='needs data_root'):
         pm.execute_notebook(str(ROOT/'nbs'/'replicate'/'mvtec_ad.ipynb'), str(tmp_path/'out.ipynb'), kernel_name='python3',
                             parameters=dict(out_dir=str(tmp_path/'run')), progress_bar=False, cwd=str(ROOT))
+
+@pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
+def test_schedule_defaults_are_the_methods(nb):
+    "A user who passes only data_root gets the method's own schedule and backbone, never a shrunken smoke-test size."
+    params = pm.inspect_notebook(str(nb))
+    for k in ('epochs', 'batch_size', 'lr', 'eval_every', 'backbone', 'image_size'):
+        assert params[k]['default'] == 'None', (nb.name, k, params[k]['default'])
