@@ -183,8 +183,9 @@ PRESETS = {
     # [code] HGAD `models/model.py`: tf_efficientnet_b6 out_indices=[3] (200 ch, stride 16) on an image pyramid 1024/512/256
     'hgad': dict(backbone='tf_efficientnet_b6', out_indices=(3,), input_size=1024, weights='timm', norm='imagenet',
                  mode='pyramid', pyramid=(1024, 512, 256)),
-    # [code] HVQ-Trans `models/HVQ_TR_switch.py`: EfficientNet-B4 blocks [1,5,9,21] (strides 2/4/8/16) aligned to 14x14 at 224 -> 272 ch
-    'hvqtrans': dict(backbone='efficientnet_b4', out_indices=(0, 1, 2, 3), input_size=224, weights='timm', norm='imagenet',
+    # [code] HVQ-Trans `models/HVQ_TR_switch.py`: EfficientNet-B4 blocks [1,5,9,21] (strides 2/4/8/16) aligned to 14x14 at 224 -> 272 ch;
+    # lukemelas' `efficientnet-b4-6ed6700e.pth` is the TF AutoAugment checkpoint = timm's `tf_efficientnet_b4.aa_in1k` (docs/hvqtrans.md)
+    'hvqtrans': dict(backbone='tf_efficientnet_b4.aa_in1k', out_indices=(0, 1, 2, 3), input_size=224, weights='timm', norm='imagenet',
                      mode='concat', align_stride=16),
     # embedded default (docs/conventions.md, "Offline weights"): packaged Lite0 weights, strides 4/8/16/32, inception norm
     'offline': dict(backbone='tf_efficientnet_lite0', out_indices=(1, 2, 3, 4), input_size=256, weights='offline', norm='inception'),
