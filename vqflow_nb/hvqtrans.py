@@ -79,7 +79,7 @@ VARIANTS = ('code', 'cached', 'batched', 'label_free', 'ddp2')
 
 @dataclass
 class HVQTransConfig:
-    "HVQ-Trans hyper-parameters; defaults are the released code's (METHODS.md §3)."
+    "HVQ-Trans hyper-parameters; defaults are the released code's (`docs/hvqtrans.md`)."
     channels:int = 272 # reconstruction target width: B4 blocks 1/5/9/21 = 24+32+56+160 [code] `HVQ_TR_switch(channel=272)`
     feature_size:tuple = (14, 14) # token grid (224 / 16) [code] `self.feature_size = (14, 14)`
     n_classes:int = 15 # copies of every codebook and output head [code] `for i in range(15)`
