@@ -62,6 +62,8 @@ def _ema_update(self:EMACodebook, flat:Tensor, ind:Tensor):
     "Update N_k, m_k and the codes e_k = m_k / smoothed N_k from a batch `flat` (N, dim) assigned to `ind` (N,)."
     counts = torch.bincount(ind, minlength=self.num_codes).to(flat.dtype)
     sums = torch.zeros(self.num_codes, self.dim, dtype=flat.dtype, device=flat.device).index_add_(0, ind, flat)
+    sync = self.__dict__.get('sync')   # set by `train.synced_codebooks`: data-parallel runs sum the statistics over processes
+    if sync is not None: counts, sums = sync(self, counts, sums)
     self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
     self.embed_avg.mul_(self.decay).add_(sums.t(), alpha=1 - self.decay)
     n = self.cluster_size.sum()

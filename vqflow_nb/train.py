@@ -296,35 +296,26 @@ def shard_batches(batches:list, rank:int, world:int) -> list:
 
 # %% ../nbs/20_train.ipynb #a1d0c006
 @torch.no_grad()
-def _synced_ema_update(self, flat:torch.Tensor, ind:torch.Tensor):
-    "`EMACodebook._ema_update` on batch statistics summed over the process group (HVQ-Trans's `Quantize` all-reduces them)."
-    shape = torch.tensor([self.num_codes, self.dim], device=flat.device)
+def _all_reduce_stats(book, counts:torch.Tensor, sums:torch.Tensor) -> tuple:
+    "An `EMACodebook.sync`: the batch statistics summed over the process group (HVQ-Trans's `Quantize` all-reduces them)."
+    shape = torch.tensor([book.num_codes, book.dim], device=counts.device)
     ext = torch.cat([shape, -shape]); dist.all_reduce(ext, op=dist.ReduceOp.MAX)   # (max, -min) of every rank's shape
     if not torch.equal(ext[:2], -ext[2:]):
-        raise RuntimeError(f"EMA codebook updates differ across processes (here a {self.num_codes}x{self.dim} codebook, elsewhere "
+        raise RuntimeError(f"EMA codebook updates differ across processes (here a {book.num_codes}x{book.dim} codebook, elsewhere "
                            f"another): the method updates its codebooks a data-dependent number of times per step (e.g. once per "
                            f"class in the local batch), which cannot be synchronised; update per image or train in one process")
-    counts = torch.bincount(ind, minlength=self.num_codes).to(flat.dtype)
-    sums = torch.zeros(self.num_codes, self.dim, dtype=flat.dtype, device=flat.device).index_add_(0, ind, flat)
     stats = torch.cat([counts[:, None], sums], 1); dist.all_reduce(stats)            # one call for counts and sums
-    counts, sums = stats[:, 0], stats[:, 1:]
-    # from here on the arithmetic of EMACodebook._ema_update (05_codebooks), unchanged; the test below compares the two
-    self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-    self.embed_avg.mul_(self.decay).add_(sums.t(), alpha=1 - self.decay)
-    n = self.cluster_size.sum()
-    smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
-    self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
-    self.usage_counts.add_(counts)
+    return stats[:, 0], stats[:, 1:]
 
 @contextlib.contextmanager
 def synced_codebooks(model:nn.Module):
     "Within the block every `EMACodebook` of `model` sums its batch statistics over the process group before its EMA step."
     from vqflow_nb.codebooks import EMACodebook
     books = [m for m in model.modules() if isinstance(m, EMACodebook)]
-    for b in books: b._ema_update = types.MethodType(_synced_ema_update, b)   # an instance attribute shadows the method
+    for b in books: b.__dict__['sync'] = _all_reduce_stats   # read by EMACodebook._ema_update
     try: yield books
     finally:
-        for b in books: b.__dict__.pop('_ema_update', None)
+        for b in books: b.__dict__.pop('sync', None)
 
 # %% ../nbs/20_train.ipynb #a1d0c008
 @torch.no_grad()
