@@ -171,8 +171,6 @@ def run_distributed(dataset:str, # dataset family (as in a grid entry)
     if (out/'complete.json').exists() and not force:
         if main: print(f'{out} is finished (complete.json): nothing to do')
         dist.destroy_process_group(); return out
-    write = rep._write_run
-    if not main: rep._write_run = lambda run, a: None      # one writer (until run_experiment asks is_main_process itself)
     try:
         run = run_experiment(dataset, **dict(params, out_dir=out, device=str(device)), progress=main)
         if main:
@@ -182,7 +180,6 @@ def run_distributed(dataset:str, # dataset family (as in a grid entry)
                                          node=platform.node()))
         dist.barrier()
     finally:
-        rep._write_run = write
         dist.destroy_process_group()
     return out
 
