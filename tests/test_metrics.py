@@ -148,6 +148,41 @@ def test_evaluate_classes_and_accumulator():
     np.testing.assert_allclose(df2[list(METRIC_KEYS)].to_numpy(float), df[list(METRIC_KEYS)].to_numpy(float), atol=1e-6)
 
 
+def test_accumulator_is_evaluate_classes():
+    "One path: streamed in mixed-class batches (torch, channel dim) with pro_maps, `compute` equals `evaluate_classes` exactly."
+    import pandas as pd, torch
+    pc, rows = {}, []
+    for i, c in enumerate("ab"):
+        mk, mp = _case(30 + i, n=7, levels=20)
+        lab = mk.reshape(7, -1).any(1).astype(int); lab[0] = 0; mk[0] = False
+        mp = mp.astype(np.float32)
+        pc[c] = dict(labels=lab, scores=mp.reshape(7, -1).max(1).astype(np.float64), masks=mk, maps=mp,
+                     pro_maps=np.ascontiguousarray(mp[:, ::-1]))
+        rows += [(i, j) for j in range(7)]
+    order = np.random.default_rng(0).permutation(len(rows))
+    acc = MetricAccumulator(["a", "b", "unused"])
+    for s in range(0, len(order), 4):   # batches mixing both classes
+        sel = [rows[k] for k in order[s:s + 4]]
+        get = lambda key: np.stack([pc["ab"[i]][key][j] for i, j in sel])
+        acc.update(torch.tensor([i for i, _ in sel]), torch.tensor(get("labels")), torch.tensor(get("scores")),
+                   torch.tensor(get("masks"))[:, None], torch.tensor(get("maps"))[:, None], torch.tensor(get("pro_maps")))
+    # the accumulator's batches arrive in another order: compare with evaluate_classes of the same order
+    want = {c: {k: np.stack([pc[c][k][j] for i, j in (rows[k2] for k2 in order) if "ab"[i] == c]) for k in pc[c]} for c in "ab"}
+    pd.testing.assert_frame_equal(acc.compute(), evaluate_classes(want), check_exact=True)
+    for variant in ("exact", "approx"):
+        pd.testing.assert_frame_equal(acc.compute(aupro_variant=variant, aupro_steps=50),
+                                      evaluate_classes(want, aupro_variant=variant, aupro_steps=50), check_exact=True)
+    no_pro = evaluate_classes({c: {k: v for k, v in d.items() if k != "pro_maps"} for c, d in want.items()})
+    assert (acc.compute()["aupro"] != no_pro["aupro"]).all()   # pro_maps reached AU-PRO
+    with pytest.raises(ValueError, match="nothing collected"): MetricAccumulator(["a"]).compute()
+
+
+def test_one_metric_list():
+    "The trainer's metric list is the metrics module's (METRICS vs METRIC_KEYS: one list)."
+    from vqflow_nb import train
+    assert tuple(train.METRICS) == METRIC_KEYS
+
+
 def test_viz_returns_figures():
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_cluster.ipynb #506abd69
 from __future__ import annotations
-import argparse, os, platform, shutil, sys, time
+import argparse, contextlib, os, platform, shutil, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +49,18 @@ def plan_runs(cfg:dict, results:Path, root:Path, force:bool=False, verify:bool=F
     return plan
 
 # %% ../nbs/31_cluster.ipynb #17226889
+@contextlib.contextmanager
+def _threads_env(threads:int|None, # torch threads for the kernel the block starts; None/0 = leave VQFLOW_THREADS as it is
+                ):
+    "Set VQFLOW_THREADS for the block (papermill's kernel inherits the environment), then restore it."
+    old = os.environ.get('VQFLOW_THREADS')
+    if threads: os.environ['VQFLOW_THREADS'] = str(max(1, int(threads)))
+    try: yield
+    finally:
+        if old is None: os.environ.pop('VQFLOW_THREADS', None)
+        else: os.environ['VQFLOW_THREADS'] = old
+
+# %% ../nbs/31_cluster.ipynb #207336ba
 def run_task(notebook:str, # the replication notebook
              out:str, # the run's folder
              params:dict, # its parameters (out_dir is set here)
@@ -60,12 +72,7 @@ def run_task(notebook:str, # the replication notebook
     out, t0 = Path(out), time.time()
     if fresh and (out/'complete.json').exists(): shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    old = os.environ.get('VQFLOW_THREADS')
-    if threads: os.environ['VQFLOW_THREADS'] = str(max(1, int(threads)))    # the kernel inherits the environment
-    try: status, err, msg = _execute(Path(notebook), out, dict(params, out_dir=str(out)), kernel, False, timeout)
-    finally:
-        if old is None: os.environ.pop('VQFLOW_THREADS', None)
-        else: os.environ['VQFLOW_THREADS'] = old
+    with _threads_env(threads): status, err, msg = _execute(Path(notebook), out, dict(params, out_dir=str(out)), kernel, False, timeout)
     if status in ('ok', 'degenerate'):
         record(out, 'complete', dict(status=status, seconds=time.time() - t0, time=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
                                      node=platform.node()))
@@ -109,6 +116,23 @@ def _submit(task, p:dict, kernel:str, timeout, max_retries:int):
                                                        p['fresh'], p['resources'].get('num_cpus'))
 
 # %% ../nbs/31_cluster.ipynb #d6b4e696
+def _outcome(ray, ref, t0:float) -> dict:
+    "The task's result, or a 'failed' result when Ray gave up on it (its worker lost more than max_retries times, ...)."
+    try: return ray.get(ref)
+    except Exception as e:
+        return dict(status='failed', error=type(e).__name__, message=_error_message(e), seconds=time.time() - t0, node=None)
+
+def _record(p:dict, out:dict, results:Path, verify:bool) -> dict:
+    "Append the failure row of a non-ok run to results/failures.csv; return the run's table row."
+    if out['status'] != 'ok':
+        _failure(results, dict(time=time.strftime('%Y-%m-%dT%H:%M:%S'), dataset=p['dataset'], method=p['method'],
+                               run_id=p['run_id'], notebook=str(p['out']/'run.ipynb'), error=out['error'], message=out['message']))
+    row = _row(p, out['status'], out['seconds'], out['node'])
+    if p['done'] and verify and out['status'] != 'failed':
+        row.update(compare_runs(results/p['dataset']/p['method']/p['run_id'], p['out']))
+    return row
+
+# %% ../nbs/31_cluster.ipynb #03b2e86e
 def replicate_ray(config:str|Path|dict, # a YAML file or the dict it holds (with optional `resources`)
                   results:str|Path|None=None, # results folder every worker sees (default: the config's, else <root>/results)
                   address:str|None=None, # Ray cluster: None = a private one on this machine; 'auto'; 'ray://host:10001'
@@ -134,15 +158,8 @@ def replicate_ray(config:str|Path|dict, # a YAML file or the dict it holds (with
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             i = refs[ready[0]]; p = plan[i]
-            try: out = ray.get(ready[0])
-            except Exception as e:   # Ray gave up on the task (its worker was lost more than max_retries times, ...)
-                out = dict(status='failed', error=type(e).__name__, message=_error_message(e), seconds=time.time() - t0, node=None)
-            if out['status'] != 'ok':
-                _failure(results, dict(time=time.strftime('%Y-%m-%dT%H:%M:%S'), dataset=p['dataset'], method=p['method'],
-                                       run_id=p['run_id'], notebook=str(p['out']/'run.ipynb'), error=out['error'], message=out['message']))
-            rows[i] = _row(p, out['status'], out['seconds'], out['node'])
-            if p['done'] and verify and out['status'] != 'failed':
-                rows[i].update(compare_runs(results/p['dataset']/p['method']/p['run_id'], p['out']))
+            out = _outcome(ray, ready[0], t0)
+            rows[i] = _record(p, out, results, verify)
             if progress: print(f"[{len(refs) - len(pending)}/{len(refs)}] {p['dataset']}/{p['method']}/{p['run_id']}: "
                                f"{out['status']} ({out['seconds']:.0f} s on {out['node']})", flush=True)
     finally:
@@ -183,6 +200,7 @@ def run_distributed(dataset:str, # dataset family (as in a grid entry)
         dist.destroy_process_group()
     return out
 
+# %% ../nbs/31_cluster.ipynb #4d4d15ff
 def torchrun_main(argv=None) -> int:
     "`torchrun [...] -m vqflow_nb.cluster --dataset D --method M [--seed S] [-p NAME=VALUE ...]`: one run on several processes."
     ap = argparse.ArgumentParser(prog='torchrun --nproc-per-node N -m vqflow_nb.cluster',

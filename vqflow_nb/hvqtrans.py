@@ -12,6 +12,7 @@ from torch import nn, Tensor
 import torch.nn.functional as F
 from einops import rearrange
 
+from fastcore.basics import patch
 from .core import exists, default
 from .codebooks import EMACodebook
 from .train import Schedule, Scores
@@ -78,7 +79,7 @@ def match_lukemelas(backbone:nn.Module, # the extractor's timm backbone
 VARIANTS = ('code', 'cached', 'batched', 'label_free', 'ddp2')
 
 @dataclass
-class HVQTransConfig:
+class HVQTransConfig:   # one field per hyper-parameter, each with its source: a dataclass's fields cannot be split over cells
     "HVQ-Trans hyper-parameters; defaults are the released code's (`docs/hvqtrans.md`)."
     channels:int = 272 # reconstruction target width: B4 blocks 1/5/9/21 = 24+32+56+160 [code] `HVQ_TR_switch(channel=272)`
     feature_size:tuple = (14, 14) # token grid (224 / 16) [code] `self.feature_size = (14, 14)`
@@ -125,20 +126,21 @@ class HVQTransConfig:
         if self.router not in ('label', 'label_free'): raise ValueError(f"router={self.router!r}: expected 'label' or 'label_free'")
         if self.embed_dim % 2 or self.embed_dim % self.heads: raise ValueError(f"embed_dim={self.embed_dim} must be even and divisible by heads={self.heads}")
 
-    @classmethod
-    def from_variant(cls, variant:str='code', **kw):
-        "Config of a variant name (tokens of `VARIANTS` joined by '+'), with `kw` overrides."
-        toks = [t for t in variant.split('+') if t]
-        bad = [t for t in toks if t not in VARIANTS]
-        if bad or not toks: raise ValueError(f"variant={variant!r}: use tokens of {VARIANTS} joined by '+'")
-        v = dict(backbone_train='cached' not in toks, ema='batched' if 'batched' in toks else 'sequential',
-                 router='label_free' if 'label_free' in toks else 'label', world_size=2 if 'ddp2' in toks else 1)
-        return cls(**{**v, **kw, 'variant': variant})
+# %% ../nbs/12_hvqtrans.ipynb #05f310ea
+@patch(cls_method=True)
+def from_variant(cls:HVQTransConfig, variant:str='code', **kw):
+    "Config of a variant name (tokens of `VARIANTS` joined by '+'), with `kw` overrides."
+    toks = [t for t in variant.split('+') if t]
+    bad = [t for t in toks if t not in VARIANTS]
+    if bad or not toks: raise ValueError(f"variant={variant!r}: use tokens of {VARIANTS} joined by '+'")
+    v = dict(backbone_train='cached' not in toks, ema='batched' if 'batched' in toks else 'sequential',
+             router='label_free' if 'label_free' in toks else 'label', world_size=2 if 'ddp2' in toks else 1)
+    return cls(**{**v, **kw, 'variant': variant})
 
-    @classmethod
-    def small(cls, variant:str='code', **kw):
-        "A CPU-sized model for the offline backbone: same structure, narrower tokens and fewer codes."
-        return cls.from_variant(variant, **{**dict(embed_dim=64, n_codes=64, heads=4, ffn=256), **kw})
+@patch(cls_method=True)
+def small(cls:HVQTransConfig, variant:str='code', **kw):
+    "A CPU-sized model for the offline backbone: same structure, narrower tokens and fewer codes."
+    return cls.from_variant(variant, **{**dict(embed_dim=64, n_codes=64, heads=4, ffn=256), **kw})
 
 # %% ../nbs/12_hvqtrans.ipynb #3ada1f10
 class PositionEmbedding(nn.Module):
@@ -168,6 +170,7 @@ def neighbour_mask(size:tuple, # (h, w) token grid
     near = ((i[:, None] - i[None]).abs() <= k[0] // 2) & ((j[:, None] - j[None]).abs() <= k[1] // 2)
     return ~near
 
+# %% ../nbs/12_hvqtrans.ipynb #542cd71f
 class EncoderLayer(nn.Module):
     "Post-norm Transformer encoder layer; position added to queries and keys."
     def __init__(self, dim:int, heads:int, ffn:int, dropout:float):
@@ -183,6 +186,7 @@ class EncoderLayer(nn.Module):
         x = self.norm1(x + self.drop1(self.attn(q, q, x, attn_mask=mask, need_weights=False)[0]))
         return self.norm2(x + self.drop2(self.ff(x)))
 
+# %% ../nbs/12_hvqtrans.ipynb #57dc7637
 class DecoderLayer(nn.Module):
     "Post-norm decoder layer: self-attention, cross-attention to `memory`, FFN; position added to queries and keys."
     def __init__(self, dim:int, heads:int, ffn:int, dropout:float):
@@ -240,34 +244,37 @@ class ClassCodebooks(nn.Module):
 
     def book(self, c:int, level:str) -> EMACodebook: return self.books[c][LEVELS.index(level)]
 
-    def quantise(self, x:Tensor, # tokens (B, L, d) of one level
-                 level:str, # one of `LEVELS`
-                 cls:Tensor, # (B,) class copy per image
-                 ema:str='sequential', # 'sequential' (per image, [code]) or 'batched' (per class)
-                 world:int=1, # 2 = emulate the authors' 2-GPU run (`ddp_quantise`); sequential training only
-                ) -> tuple:
-        "(straight-through quantised x, code indices (B, L), mean over images of the per-image commitment)."
-        B = x.shape[0]
-        if cls.shape != (B,): raise ValueError(f"cls must be ({B},), got {tuple(cls.shape)}")
-        if int(cls.min()) < 0 or int(cls.max()) >= self.n_classes:
-            raise ValueError(f"class index out of range [0, {self.n_classes}): {cls.tolist()}")
-        l = LEVELS.index(level)
-        if ema == 'sequential' and self.training and world == 2: return self.ddp_quantise(x, l, cls)
-        if ema == 'sequential' and self.training:
-            outs = [self.books[int(c)][l](x[i]) for i, c in enumerate(cls.tolist())]
-            return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs]).mean()
-        # per class: identical to the loop without EMA updates (evaluation), one EMA step per class when training
-        q, ind = torch.empty_like(x), x.new_empty(x.shape[:2], dtype=torch.long)
-        commit = x.new_zeros(())
-        for c in cls.unique().tolist():
-            idx = (cls == c).nonzero().flatten()
-            q_c, ind_c, com_c = self.books[c][l](x[idx])
-            q[idx] = q_c; ind[idx] = ind_c                        # in place: one copy per class, not per batch
-            commit = commit + com_c * len(idx)
-        return q, ind, commit / B
+# %% ../nbs/12_hvqtrans.ipynb #712cda45
+@patch
+def quantise(self:ClassCodebooks, x:Tensor, # tokens (B, L, d) of one level
+             level:str, # one of `LEVELS`
+             cls:Tensor, # (B,) class copy per image
+             ema:str='sequential', # 'sequential' (per image, [code]) or 'batched' (per class)
+             world:int=1, # 2 = emulate the authors' 2-GPU run (`ddp_quantise`); sequential training only
+            ) -> tuple:
+    "(straight-through quantised x, code indices (B, L), mean over images of the per-image commitment)."
+    B = x.shape[0]
+    if cls.shape != (B,): raise ValueError(f"cls must be ({B},), got {tuple(cls.shape)}")
+    if int(cls.min()) < 0 or int(cls.max()) >= self.n_classes:
+        raise ValueError(f"class index out of range [0, {self.n_classes}): {cls.tolist()}")
+    l = LEVELS.index(level)
+    if ema == 'sequential' and self.training and world == 2: return self.ddp_quantise(x, l, cls)
+    if ema == 'sequential' and self.training:
+        outs = [self.books[int(c)][l](x[i]) for i, c in enumerate(cls.tolist())]
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs]).mean()
+    # per class: identical to the loop without EMA updates (evaluation), one EMA step per class when training
+    q, ind = torch.empty_like(x), x.new_empty(x.shape[:2], dtype=torch.long)
+    commit = x.new_zeros(())
+    for c in cls.unique().tolist():
+        idx = (cls == c).nonzero().flatten()
+        q_c, ind_c, com_c = self.books[c][l](x[idx])
+        q[idx] = q_c; ind[idx] = ind_c                        # in place: one copy per class, not per batch
+        commit = commit + com_c * len(idx)
+    return q, ind, commit / B
 
 # %% ../nbs/12_hvqtrans.ipynb #041eff96
-def _ddp_quantise(self:ClassCodebooks, x:Tensor, l:int, cls:Tensor) -> tuple:
+@patch
+def ddp_quantise(self:ClassCodebooks, x:Tensor, l:int, cls:Tensor) -> tuple:
     "Per-image quantisation with the EMA statistics of each call summed over 2 emulated GPUs (images 0,2,.. | 1,3,..)."
     B = x.shape[0]
     shadow = {c: copy.deepcopy(self.books[c][l]) for c in set(cls[1::2].tolist())}   # GPU 1's books after the broadcast
@@ -282,8 +289,6 @@ def _ddp_quantise(self:ClassCodebooks, x:Tensor, l:int, cls:Tensor) -> tuple:
             flats.append(flat); inds.append(k)
         for _, book in pair: book._ema_update(torch.cat(flats), torch.cat(inds))   # the all-reduced (summed) statistics
     return q, ind, commits.mean()
-
-ClassCodebooks.ddp_quantise = _ddp_quantise
 
 # %% ../nbs/12_hvqtrans.ipynb #6e856c00
 def pot_score(f:Tensor, # token features (N, D): the lowest level's quantiser input
@@ -329,6 +334,7 @@ class HVQTrans(nn.Module):
         return self
 
 # %% ../nbs/12_hvqtrans.ipynb #7820307c
+@patch
 def _target(self:HVQTrans, feats:list) -> Tensor:
     "The reconstruction target (B, C, h, w): from images with the inside backbone, or the cached map."
     if not self.cfg.backbone_train: x = feats[0]
@@ -340,10 +346,14 @@ def _target(self:HVQTrans, feats:list) -> Tensor:
                          f"({'images ' + str(tuple(feats[0].shape)) if self.cfg.backbone_train else 'cached features'})")
     return x.float()
 
+# %% ../nbs/12_hvqtrans.ipynb #d0f24115
+@patch
 def _encode(self:HVQTrans, target:Tensor) -> list:
     "Tokens e0 and the encoder outputs e1..e4, each (B, L, d)."
     return self.encoder(rearrange(self.proj(target), 'b d h w -> b (h w) d'), self.pos(), self.mask)
 
+# %% ../nbs/12_hvqtrans.ipynb #250ceb70
+@patch
 def _quantise(self:HVQTrans, es:list, cls:Tensor) -> dict:
     "q4 from e4; then q_l from [e_l, q4] for l = 3, 2, 1, 0 ([code] `HVQ_TR_switch.encode`)."
     ema, world = self.cfg.ema, self.cfg.world_size
@@ -355,6 +365,8 @@ def _quantise(self:HVQTrans, es:list, cls:Tensor) -> dict:
         qs.append(q); inds.append(i); commits.append(c); inputs.append(f)
     return dict(q4=q4, qs=qs, indices=inds, commits=commits, commit=sum(commits), f0=inputs[-1])
 
+# %% ../nbs/12_hvqtrans.ipynb #7af76250
+@patch
 def _decode(self:HVQTrans, qs:list, cls:Tensor) -> Tensor:
     "Hierarchical decoder over q3..q0, then the class's output head; (B, C, h, w)."
     pos = self.pos()
@@ -366,15 +378,17 @@ def _decode(self:HVQTrans, qs:list, cls:Tensor) -> Tensor:
     h, w = self.cfg.feature_size
     return rearrange(out, 'b (h w) c -> b c h w', h=h, w=w)
 
-def _forward(self:HVQTrans, feats:list, cls:Tensor) -> dict:
+# %% ../nbs/12_hvqtrans.ipynb #02dc9fb7
+@patch
+def forward(self:HVQTrans, feats:list, cls:Tensor) -> dict:
     "Target, reconstruction, codes and commitments for images of classes `cls` (the switch)."
     target = self._target(feats)
     es = self._encode(target)
     q = self._quantise(es, cls.to(target.device).long())
     return dict(target=target, rec=self._decode(q['qs'], cls), es=es, **q)
 
-HVQTrans._target, HVQTrans._encode, HVQTrans._quantise, HVQTrans._decode, HVQTrans.forward = _target, _encode, _quantise, _decode, _forward
-
+# %% ../nbs/12_hvqtrans.ipynb #e0724c61
+@patch
 @torch.no_grad()
 def _per_gpu_features(self:HVQTrans, images:Tensor) -> Tensor:
     "Variant ddp2: batch statistics per emulated GPU (images 0,2,.. and 1,3,..); only GPU 0's running statistics are kept."
@@ -386,10 +400,9 @@ def _per_gpu_features(self:HVQTrans, images:Tensor) -> Tensor:
     out = f0.new_empty(len(images), *f0.shape[1:]); out[0::2], out[1::2] = f0, f1
     return out
 
-HVQTrans._per_gpu_features = _per_gpu_features
-
 # %% ../nbs/12_hvqtrans.ipynb #663f1be7
-def _loss(self:HVQTrans, feats:list, batch:dict) -> dict:
+@patch
+def loss(self:HVQTrans, feats:list, batch:dict) -> dict:
     "Training loss and its parts (per-level commitments for the learning curves)."
     out = self(feats, batch['cls_index'])
     mse = F.mse_loss(out['rec'], out['target'])
@@ -397,7 +410,8 @@ def _loss(self:HVQTrans, feats:list, batch:dict) -> dict:
     return dict(loss=loss, mse=mse.detach(), commit=out['commit'].detach(),
                 **{f'commit_{l}': c.detach() for l, c in zip(LEVELS, out['commits'])})
 
-def _training_step(self:HVQTrans, feats:list, batch:dict, opt, sch:Schedule) -> dict:
+@patch
+def training_step(self:HVQTrans, feats:list, batch:dict, opt, sch:Schedule) -> dict:
     "Loss, backward, clip, step; `zero_grad` keeps zero tensors as torch 1.11 did (absent classes' heads keep AdamW steps)."
     parts = self.loss(feats, batch)
     opt.zero_grad(set_to_none=self.cfg.zero_grad_to_none)
@@ -406,11 +420,12 @@ def _training_step(self:HVQTrans, feats:list, batch:dict, opt, sch:Schedule) -> 
     opt.step()
     return parts
 
-HVQTrans.loss, HVQTrans.training_step = _loss, _training_step
+
 
 # %% ../nbs/12_hvqtrans.ipynb #058fd73c
+@patch
 @torch.no_grad()
-def _route(self:HVQTrans, e4:Tensor) -> Tensor:
+def route(self:HVQTrans, e4:Tensor) -> Tensor:
     "(B,) class copy whose top codebook quantises each image's e4 tokens with the lowest mean squared error."
     errs = []
     for c in range(self.cfg.n_classes):
@@ -419,7 +434,7 @@ def _route(self:HVQTrans, e4:Tensor) -> Tensor:
         errs.append(d.amin(-1).mean(-1))
     return torch.stack(errs, 1).argmin(1)
 
-HVQTrans.route = _route
+
 
 # %% ../nbs/12_hvqtrans.ipynb #7c4f65c9
 def hvq_maps(err:Tensor, # per-token map (B, h, w): reconstruction error (+ weighted POT)
@@ -433,8 +448,9 @@ def hvq_maps(err:Tensor, # per-token map (B, h, w): reconstruction error (+ weig
     image = F.avg_pool2d(pix, k, stride=1).flatten(1).amax(1)
     return Scores(image=image, pixel=pix[:, 0])
 
+@patch
 @torch.no_grad()
-def _score(self:HVQTrans, feats:list, batch:dict|None=None, out_size:tuple|None=None) -> Scores:
+def score(self:HVQTrans, feats:list, batch:dict|None=None, out_size:tuple|None=None) -> Scores:
     "Anomaly maps at `out_size` (default: 16 x the token grid) and image scores."
     target = self._target(feats)
     es = self._encode(target)
@@ -449,17 +465,17 @@ def _score(self:HVQTrans, feats:list, batch:dict|None=None, out_size:tuple|None=
     out_size = default(out_size, lambda: tuple(self.cfg.upsample * s for s in self.cfg.feature_size))
     return hvq_maps(err, out_size, self.cfg.pool, self.cfg.upsample)
 
-HVQTrans.score = _score
-
 # %% ../nbs/12_hvqtrans.ipynb #f1811b48
-def _schedule(self:HVQTrans) -> Schedule:
+@patch
+def schedule(self:HVQTrans) -> Schedule:
     "The released code's optimisation (see `HVQTransConfig`)."
     c = self.cfg
     return Schedule(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer='adamw', betas=(0.9, 0.999),
                     weight_decay=c.weight_decay, milestones=tuple(c.milestones), gamma=c.gamma, clip_grad=c.clip_grad,
                     eval_every=c.eval_every, drop_last=False)
 
-def _on_epoch_end(self:HVQTrans, epoch:int):
+@patch
+def on_epoch_end(self:HVQTrans, epoch:int):
     "Record the codes used at every level (over the class copies) in `usage` and `usage_history`; reset the counts."
     self.usage = {}
     for l in LEVELS:
@@ -470,8 +486,6 @@ def _on_epoch_end(self:HVQTrans, epoch:int):
         for b in books: b.reset_usage()
     if not hasattr(self, 'usage_history'): self.usage_history = []
     self.usage_history.append(dict(epoch=epoch, **{l: u['codes_used'] for l, u in self.usage.items()}))
-
-HVQTrans.schedule, HVQTrans.on_epoch_end = _schedule, _on_epoch_end
 
 # %% ../nbs/12_hvqtrans.ipynb #0edb3ef5
 AUTHORS = dict(backbone='hvqtrans', image_size=224, epochs=1000)   # [code] config.yaml: B4 at 224, max_epoch 1000

@@ -10,6 +10,7 @@ import pandas as pd
 from scipy import ndimage
 from skimage import measure
 from sklearn.metrics import roc_auc_score, average_precision_score, precision_recall_curve, auc
+from fastcore.basics import patch, patch_to
 from .core import exists, default, in_test
 
 # %% auto #0
@@ -18,7 +19,7 @@ __all__ = ['METRIC_KEYS', 'IMAGE_KEYS', 'PIXEL_KEYS', 'f1_max', 'image_metrics',
            'defect_kind_metrics', 'MetricAccumulator']
 
 # %% ../nbs/03_metrics.ipynb #2696fb0e
-METRIC_KEYS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")
+METRIC_KEYS = ("i_auroc", "i_ap", "i_f1max", "p_auroc", "p_ap", "p_f1max", "aupro")   # the one list of metric names (train's `METRICS` should be this)
 IMAGE_KEYS, PIXEL_KEYS = METRIC_KEYS[:3], METRIC_KEYS[3:]
 
 def _np(x, name:str, dtype=None) -> np.ndarray:
@@ -38,6 +39,7 @@ def _as_maps(x, name:str, dtype=None) -> np.ndarray:
     if x.ndim != 3: raise ValueError(f"{name}: expected (N,H,W) or (N,1,H,W), got shape {x.shape}")
     return x
 
+# %% ../nbs/03_metrics.ipynb #5d336395
 def _check_finite(x:np.ndarray, # scores (N,) or maps (N,H,W)
                   name:str, # what the caller calls it: 'scores', 'maps', 'pro_maps', 'masks'
                  ) -> np.ndarray:
@@ -51,6 +53,7 @@ def _check_finite(x:np.ndarray, # scores (N,) or maps (N,H,W)
     raise ValueError(f"{name}: {n} non-finite value{'s' if n > 1 else ''} ({n_nan} NaN, {n - n_nan} inf) of {x.size}{where}; "
                      "metrics need finite numbers (look for an overflow or 0/0 in the model's scoring)")
 
+# %% ../nbs/03_metrics.ipynb #ced8466b
 def _as_labels(labels, name:str="labels") -> np.ndarray:
     "Image labels as a bool vector; only 0 (normal) / 1 (anomalous) or bool are accepted (never {-1, 1} read as all True)."
     y = _np(labels, name).ravel()
@@ -68,6 +71,7 @@ def _as_masks(masks, maps_shape, name="masks") -> np.ndarray:
     if m.shape != tuple(maps_shape): raise ValueError(f"{name}: shape {m.shape} does not match maps {tuple(maps_shape)}")
     return m
 
+# %% ../nbs/03_metrics.ipynb #7a235d8a
 def _check_binary(y:np.ndarray, name:str, on_single_label:str) -> bool:
     "True if both label values occur; otherwise raise or warn according to `on_single_label`."
     if on_single_label not in ("raise", "nan"): raise ValueError(f"on_single_label must be 'raise' or 'nan', got {on_single_label!r}")
@@ -114,6 +118,7 @@ def _regions(masks:np.ndarray, # (N,H,W) bool
         n += k
     return ids, n
 
+# %% ../nbs/03_metrics.ipynb #f5178cc6
 def trapezoid_to(x:np.ndarray, # curve x, non-decreasing, starting at 0
                  y:np.ndarray, # curve y
                  x_max:float, # integrate up to here; linear interpolation where it falls between points
@@ -127,6 +132,7 @@ def trapezoid_to(x:np.ndarray, # curve x, non-decreasing, starting at 0
         area += 0.5 * (ys[-1] + y_at) * (x_max - xs[-1])
     return float(area)
 
+# %% ../nbs/03_metrics.ipynb #a0ee99c6
 def _sort_desc(s:np.ndarray, # (n,) scores
                ids:np.ndarray, # (n,) non-negative int ids (region id or label) carried along
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +151,20 @@ def _sort_desc(s:np.ndarray, # (n,) scores
     order = np.argsort(s)[::-1]
     return s[order], ids[order]
 
+# %% ../nbs/03_metrics.ipynb #f30fd641
+def _pro_from_sorted(s_sorted, # scores sorted descending (only equality is used)
+                     ids_sorted, # region id of each pixel in the same order (0 = normal)
+                     w, # (n_regions+1,) PRO increment of a pixel of each region (w[0] unused)
+                     n_ok, # number of normal pixels
+                    ):
+    "(FPR, PRO) at the tie-group ends of pixels sorted by descending score."
+    fpr = np.cumsum(ids_sorted == 0, dtype=np.int64) / n_ok
+    pro = np.cumsum(w[ids_sorted])
+    last = np.append(s_sorted[1:] != s_sorted[:-1], True)   # keep the last point of every tie group
+    fpr, pro = np.minimum(fpr[last], 1.0), np.minimum(pro[last], 1.0)
+    return np.concatenate(([0.], fpr, [1.])), np.concatenate(([0.], pro, [1.]))
+
+# %% ../nbs/03_metrics.ipynb #68eb6c1a
 def pro_curve_exact(masks, # (N,H,W) GT masks (bool / {0,1})
                     maps, # (N,H,W) anomaly maps, higher = more anomalous
                     fpr_limit:float|None=None, # if given, return only the points needed to integrate up to it
@@ -169,14 +189,6 @@ def pro_curve_exact(masks, # (N,H,W) GT masks (bool / {0,1})
     s_sorted, ids_sorted = _sort_desc(s, ids)
     return _pro_from_sorted(s_sorted, ids_sorted, w, n_ok)
 
-def _pro_from_sorted(s_sorted, ids_sorted, w, n_ok):
-    "(FPR, PRO) at the tie-group ends of pixels sorted by descending score."
-    fpr = np.cumsum(ids_sorted == 0, dtype=np.int64) / n_ok
-    pro = np.cumsum(w[ids_sorted])
-    last = np.append(s_sorted[1:] != s_sorted[:-1], True)   # keep the last point of every tie group
-    fpr, pro = np.minimum(fpr[last], 1.0), np.minimum(pro[last], 1.0)
-    return np.concatenate(([0.], fpr, [1.])), np.concatenate(([0.], pro, [1.]))
-
 # %% ../nbs/03_metrics.ipynb #0fabbdb6
 def _approx_thresholds(maps:np.ndarray, steps:int) -> np.ndarray:
     "The papers' threshold grid np.arange(min, max, (max-min)/steps) (may hold steps+1 values by float rounding, as theirs)."
@@ -186,6 +198,7 @@ def _approx_thresholds(maps:np.ndarray, steps:int) -> np.ndarray:
     if not hi > lo: raise ValueError("maps: constant over the class, the approximate AU-PRO threshold grid is empty")
     return np.arange(lo, hi, (hi - lo) / steps)
 
+# %% ../nbs/03_metrics.ipynb #12e8c649
 def _approx_from_curve(fprs:np.ndarray, pros:np.ndarray, fpr_limit:float) -> float:
     "Keep FPR < limit, min-max rescale the kept FPRs, sklearn auc (VQ-Flow / ADer / CFLOW-AD)."
     keep = fprs < fpr_limit
@@ -194,6 +207,7 @@ def _approx_from_curve(fprs:np.ndarray, pros:np.ndarray, fpr_limit:float) -> flo
     f = (f - f.min()) / (f.max() - f.min()) if f.max() > f.min() else np.zeros_like(f)
     return float(auc(f, p))
 
+# %% ../nbs/03_metrics.ipynb #dd2ffdfa
 def pro_curve_approx(masks, # (N,H,W) GT masks
                      maps, # (N,H,W) anomaly maps
                      steps:int=800, # VQ-Flow evaluations.py max_step=800 (ADer: 200)
@@ -219,6 +233,7 @@ def pro_curve_approx(masks, # (N,H,W) GT masks
     pro = (above[1:] / hist[1:].sum(1, keepdims=True)).mean(0)
     return thr, fpr, pro
 
+# %% ../nbs/03_metrics.ipynb #880a26ad
 def _aupro_approx_loop(masks, maps, steps:int=800, fpr_limit:float=0.3) -> float:
     "Slow: the authors' per-threshold loop (binarise, label, regionprops) in plain numpy/skimage (benchmark baseline)."
     maps = _check_finite(_as_maps(maps, "maps"), "maps"); masks = _as_masks(masks, maps.shape)
@@ -270,6 +285,7 @@ def _roc_pr_from_sorted(s_sorted, # scores sorted descending (only equality is u
     p_f1max = float(np.max(2 * tk / (P + tk + fk)))   # 2PR/(P+R) with P = TP/(TP+FP), R = TP/P
     return dict(p_auroc=p_auroc, p_ap=p_ap, p_f1max=p_f1max)
 
+# %% ../nbs/03_metrics.ipynb #6e7261b2
 def pixel_metrics(masks, # (N,H,W) or (N,1,H,W) GT masks
                   maps, # (N,H,W) or (N,1,H,W) anomaly maps at the mask resolution
                   aupro_variant:str="exact", # see `aupro`
@@ -300,6 +316,7 @@ def pixel_metrics(masks, # (N,H,W) or (N,1,H,W) GT masks
     out["aupro"] = aupro(mk, pro, fpr_limit=fpr_limit, variant=aupro_variant, steps=aupro_steps)
     return out
 
+# %% ../nbs/03_metrics.ipynb #e4707f5e
 def class_metrics(labels, # (N,) image labels
                   scores, # (N,) image scores
                   masks=None, # (N,H,W) GT masks, or None for image-level-only data
@@ -318,28 +335,27 @@ def class_metrics(labels, # (N,) image labels
         out.update(pixel_metrics(masks, maps, aupro_variant, aupro_steps, on_single_label=on_single_label, pro_maps=pro_maps))
     return out
 
-# %% ../nbs/03_metrics.ipynb #6e7261b2
-def evaluate_classes(per_class:dict, # class name -> dict(labels=, scores=, masks=None, maps=None, pro_maps=None)
-                     aupro_variant:str="exact", # see `aupro`
-                     aupro_steps:int=800, # see `aupro`
-                     on_single_label:str="raise", # see `image_metrics`
-                    ) -> pd.DataFrame:
-    "One row of metrics per class plus a `mean` row (over classes, skipping missing values per metric)."
-    rows = {}
-    for c, d in per_class.items():
-        if not isinstance(d, dict) or "labels" not in d or "scores" not in d:
-            raise ValueError(f"per_class[{c!r}]: needs a dict with 'labels' and 'scores' (and optionally 'masks', 'maps')")
-        rows[c] = _for_class(c, class_metrics, d["labels"], d["scores"], d.get("masks"), d.get("maps"), aupro_variant,
-                             aupro_steps, on_single_label, pro_maps=d.get("pro_maps"))
-        rows[c]["n_images"] = len(_np(d["labels"], "labels").ravel())
-    return _with_mean(rows)
-
+# %% ../nbs/03_metrics.ipynb #7ea006db
 def _for_class(name, f, *args, **kwargs):
     "Call f; a ValueError is re-raised with the class name in front (which class has the bad input)."
     try: return f(*args, **kwargs)
     except ValueError as e: raise ValueError(f"class {name!r}: {e}") from e
 
-def _with_mean(rows:dict) -> pd.DataFrame:
+def _class_row(name, # the class's name (for error messages)
+               d:dict, # dict(labels=, scores=, masks=None, maps=None, pro_maps=None)
+               aupro_variant:str="exact", aupro_steps:int=800, on_single_label:str="raise", # see `class_metrics`
+              ) -> dict:
+    "The seven metrics of one class plus `n_images`."
+    if not isinstance(d, dict) or "labels" not in d or "scores" not in d:
+        raise ValueError(f"per_class[{name!r}]: needs a dict with 'labels' and 'scores' (and optionally 'masks', 'maps')")
+    row = _for_class(name, class_metrics, d["labels"], d["scores"], d.get("masks"), d.get("maps"), aupro_variant,
+                     aupro_steps, on_single_label, pro_maps=d.get("pro_maps"))
+    return dict(row, n_images=len(_np(d["labels"], "labels").ravel()))
+
+# %% ../nbs/03_metrics.ipynb #fd83cb8c
+def _with_mean(rows:dict, # class name -> `_class_row` output
+              ) -> pd.DataFrame:
+    "The table of per-class rows plus the `mean` row (per metric over the classes that have it)."
     df = pd.DataFrame.from_dict(rows, orient="index", columns=[*METRIC_KEYS, "n_images"]).astype(float)
     counts = {k: int(df[k].notna().sum()) for k in METRIC_KEYS}
     mean = {k: (df[k].mean() if counts[k] else np.nan) for k in METRIC_KEYS}   # pandas mean skips NaN/None
@@ -349,6 +365,15 @@ def _with_mean(rows:dict) -> pd.DataFrame:
     df.loc["mean"] = pd.Series(mean)
     df.attrs["n_averaged"] = counts   # per metric: how many classes the mean row averages
     return df
+
+# %% ../nbs/03_metrics.ipynb #cb5ec4ba
+def evaluate_classes(per_class:dict, # class name -> dict(labels=, scores=, masks=None, maps=None, pro_maps=None)
+                     aupro_variant:str="exact", # see `aupro`
+                     aupro_steps:int=800, # see `aupro`
+                     on_single_label:str="raise", # see `image_metrics`
+                    ) -> pd.DataFrame:
+    "One row of metrics per class plus a `mean` row (over classes, skipping missing values per metric)."
+    return _with_mean({c: _class_row(c, d, aupro_variant, aupro_steps, on_single_label) for c, d in per_class.items()})
 
 # %% ../nbs/03_metrics.ipynb #7b3aa309
 from pathlib import PurePath
@@ -365,6 +390,7 @@ def defect_kind(path, # an image path of a dataset tree (str or Path)
 
 # %% ../nbs/03_metrics.ipynb #b58a8fd4
 def _nanmean(v) -> float:
+    "Mean of the non-NaN values; NaN if there are none (without numpy's empty-slice warning)."
     v = np.asarray(v, np.float64); v = v[~np.isnan(v)]
     return float(v.mean()) if v.size else float("nan")
 
@@ -373,6 +399,7 @@ def _kind_pixel_auroc(mk:np.ndarray, mp:np.ndarray) -> float:
     if not mk.any() or mk.all(): return float("nan")
     return _roc_pr_from_sorted(*_sort_desc(mp.ravel(), mk.ravel()))["p_auroc"]
 
+# %% ../nbs/03_metrics.ipynb #995bf914
 def defect_kind_metrics(labels, # (N,) 0 = normal, 1 = anomalous
                         scores, # (N,) image scores, higher = more anomalous
                         kinds, # (N,) defect kind of every image (e.g. `defect_kind(path)`); read for anomalous images only
@@ -406,7 +433,7 @@ def defect_kind_metrics(labels, # (N,) 0 = normal, 1 = anomalous
 
 # %% ../nbs/03_metrics.ipynb #387920fc
 class MetricAccumulator:
-    "Collect per-batch (class, labels, scores, masks, maps) compactly; compute per-class metrics and their mean."
+    "Collect per-batch (class, labels, scores, masks, maps[, pro_maps]) compactly; compute per-class metrics and their mean."
     def __init__(self,
                  class_names:list[str], # names indexed by the integer class id passed to `update`
                  map_dtype:str="float32", # storage dtype of the maps: "float32" or "float16" (half the memory, ~3 significant digits)
@@ -417,68 +444,83 @@ class MetricAccumulator:
 
     def reset(self):
         "Forget everything collected."
-        self._lab, self._sc, self._mk, self._mp = ({c: [] for c in range(len(self.class_names))} for _ in range(4))
+        self._lab, self._sc, self._mk, self._mp, self._pm = ({c: [] for c in range(len(self.class_names))} for _ in range(5))
 
-    def _maps_np(self, x, name):
-        if hasattr(x, "detach"):   # cast on the tensor's device before the copy: never a float64 host copy
-            x = x.detach()
-            x = x.half() if self.map_dtype == np.float16 else x.float()
-        return _as_maps(x, name, self.map_dtype)
+# %% ../nbs/03_metrics.ipynb #eddea3a1
+@patch
+def _maps_np(self:MetricAccumulator, x, name):
+    "(B,H,W) maps in the storage dtype."
+    if hasattr(x, "detach"):   # cast on the tensor's device before the copy: never a float64 host copy
+        x = x.detach()
+        x = x.half() if self.map_dtype == np.float16 else x.float()
+    return _as_maps(x, name, self.map_dtype)
 
-    def update(self,
-               cls, # int, or (B,) class ids of the batch
-               labels, # (B,) image labels
-               scores, # (B,) image scores
-               masks=None, # (B,H,W) / (B,1,H,W) GT masks, or None (image-level-only data)
-               maps=None, # (B,H,W) / (B,1,H,W) anomaly maps, or None
-              ):
-        "Add one batch."
-        lab = _as_labels(labels).astype(np.int8); sc = _np(scores, "scores").ravel().astype(np.float64)
-        b = len(lab)
-        cid = _np(cls, "cls").ravel().astype(np.int64)
-        if cid.size == 1: cid = np.repeat(cid, b)   # one class id for the whole batch
-        if len(cid) != b or len(sc) != b: raise ValueError(f"update: cls ({len(cid)}), labels ({b}) and scores ({len(sc)}) differ in length")
-        if cid.min() < 0 or cid.max() >= len(self.class_names): raise ValueError(f"update: class id out of range 0..{len(self.class_names) - 1}: {np.unique(cid)}")
-        if (masks is None) != (maps is None): raise ValueError("update: give both masks and maps, or neither")
-        if maps is not None:
-            mp = self._maps_np(maps, "maps"); mk = _as_masks(masks, mp.shape)
-            if len(mp) != b: raise ValueError(f"update: {len(mp)} maps for {b} labels")
-        for c in np.unique(cid):
-            sel = cid == c
-            if maps is not None and self._lab[c] and not self._mp[c]: raise ValueError(f"class {self.class_names[c]!r}: masks/maps given for some batches only")
-            if maps is None and self._mp[c]: raise ValueError(f"class {self.class_names[c]!r}: masks/maps given for some batches only")
-            self._lab[c].append(lab[sel]); self._sc[c].append(sc[sel])
-            if maps is not None:
-                self._mp[c].append(mp[sel] if not sel.all() else mp); self._mk[c].append(mk[sel] if not sel.all() else mk)
-        return self
+# %% ../nbs/03_metrics.ipynb #f92fa40e
+@patch
+def _class_ids(self:MetricAccumulator, cls, b:int) -> np.ndarray:
+    "(b,) int class ids of a batch from one id or one per image, checked against the class names."
+    cid = _np(cls, "cls").ravel().astype(np.int64)
+    if cid.size == 1: cid = np.repeat(cid, b)   # one class id for the whole batch
+    if len(cid) != b: raise ValueError(f"update: cls ({len(cid)}) and labels ({b}) differ in length")
+    if cid.min() < 0 or cid.max() >= len(self.class_names): raise ValueError(f"update: class id out of range 0..{len(self.class_names) - 1}: {np.unique(cid)}")
+    return cid
 
-    @staticmethod
-    def _cat(lst):
-        if len(lst) > 1: lst[:] = [np.concatenate(lst)]   # consolidate in place: the batch copies are freed
-        return lst[0] if lst else None
+@patch
+def update(self:MetricAccumulator,
+           cls, # int, or (B,) class ids of the batch
+           labels, # (B,) image labels
+           scores, # (B,) image scores
+           masks=None, # (B,H,W) / (B,1,H,W) GT masks, or None (image-level-only data)
+           maps=None, # (B,H,W) / (B,1,H,W) anomaly maps, or None
+           pro_maps=None, # (B,H,W) / (B,1,H,W) maps for AU-PRO only (see `pixel_metrics`), or None = `maps`
+          ):
+    "Add one batch."
+    lab = _as_labels(labels).astype(np.int8); sc = _np(scores, "scores").ravel().astype(np.float64); b = len(lab)
+    cid = self._class_ids(cls, b)
+    if len(sc) != b: raise ValueError(f"update: labels ({b}) and scores ({len(sc)}) differ in length")
+    if (masks is None) != (maps is None): raise ValueError("update: give both masks and maps, or neither")
+    if pro_maps is not None and maps is None: raise ValueError("update: pro_maps without maps")
+    new = dict(_mp=None if maps is None else self._maps_np(maps, "maps"))
+    if maps is not None:
+        new["_mk"] = _as_masks(masks, new["_mp"].shape)
+        if len(new["_mp"]) != b: raise ValueError(f"update: {len(new['_mp'])} maps for {b} labels")
+        if pro_maps is not None: new["_pm"] = self._maps_np(pro_maps, "pro_maps")
+    for c in np.unique(cid):
+        sel = cid == c
+        for key in ("_mp", "_pm"):   # a class's batches all carry this array or none does
+            if self._lab[c] and bool(getattr(self, key)[c]) != (new.get(key) is not None):
+                raise ValueError(f"class {self.class_names[c]!r}: {'masks/maps' if key == '_mp' else 'pro_maps'} given for some batches only")
+        self._lab[c].append(lab[sel]); self._sc[c].append(sc[sel])
+        for key, a in new.items():
+            if a is not None: getattr(self, key)[c].append(a if sel.all() else a[sel])
+    return self
 
-    def nbytes(self) -> int:
-        "Bytes held by the stored arrays."
-        return sum(a.nbytes for d in (self._lab, self._sc, self._mk, self._mp) for l in d.values() for a in l)
+# %% ../nbs/03_metrics.ipynb #0abaaaef
+@patch_to(MetricAccumulator, static_method=True)
+def _cat(lst:list):
+    "Consolidate a list of arrays into one (in place); None for an empty list."
+    if len(lst) > 1: lst[:] = [np.concatenate(lst)]   # consolidate in place: the batch copies are freed
+    return lst[0] if lst else None
 
-    def per_class(self) -> dict:
-        "The collected data as `evaluate_classes` input (classes without data are left out)."
-        return {self.class_names[c]: dict(labels=self._cat(self._lab[c]), scores=self._cat(self._sc[c]),
-                                          masks=self._cat(self._mk[c]), maps=self._cat(self._mp[c]))
-                for c in self._lab if self._lab[c]}
+@patch
+def nbytes(self:MetricAccumulator) -> int:
+    "Bytes held by the stored arrays."
+    return sum(a.nbytes for d in (self._lab, self._sc, self._mk, self._mp, self._pm) for l in d.values() for a in l)
 
-    def compute(self,
-                aupro_variant:str="exact", # see `aupro`
-                aupro_steps:int=800, # see `aupro`
-                on_single_label:str="raise", # see `image_metrics`
-               ) -> pd.DataFrame:
-        "Per-class metrics plus the `mean` row, computing one class at a time."
-        rows = {}
-        for c in self._lab:
-            if not self._lab[c]: continue
-            lab, sc = self._cat(self._lab[c]), self._cat(self._sc[c])
-            rows[self.class_names[c]] = _for_class(self.class_names[c], class_metrics, lab, sc, self._cat(self._mk[c]),
-                                                   self._cat(self._mp[c]), aupro_variant, aupro_steps, on_single_label)
-            rows[self.class_names[c]]["n_images"] = len(lab)
-        if not rows: raise ValueError("MetricAccumulator.compute: nothing collected")
-        return _with_mean(rows)
+@patch
+def per_class(self:MetricAccumulator) -> dict:
+    "The collected data as `evaluate_classes` input (classes without data are left out)."
+    return {self.class_names[c]: dict(labels=self._cat(self._lab[c]), scores=self._cat(self._sc[c]), masks=self._cat(self._mk[c]),
+                                      maps=self._cat(self._mp[c]), pro_maps=self._cat(self._pm[c]))
+            for c in self._lab if self._lab[c]}
+
+# %% ../nbs/03_metrics.ipynb #13ae56b2
+@patch
+def compute(self:MetricAccumulator,
+            aupro_variant:str="exact", # see `aupro`
+            aupro_steps:int=800, # see `aupro`
+            on_single_label:str="raise", # see `image_metrics`
+           ) -> pd.DataFrame:
+    "Per-class metrics plus the `mean` row: `evaluate_classes` of `per_class()`."
+    if not any(self._lab.values()): raise ValueError("MetricAccumulator.compute: nothing collected")
+    return evaluate_classes(self.per_class(), aupro_variant, aupro_steps, on_single_label)
