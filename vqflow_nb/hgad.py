@@ -17,6 +17,7 @@ from scipy.ndimage import gaussian_filter
 from .core import exists, default
 from .flows import hgad_flow, positional_encoding_2d, count_params
 from .train import Schedule, Scores
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['VARIANTS', 'GCONST', 'AUTHORS', 'HGADConfig', 'init_main_centres', 'sq_dists', 'HierarchicalPrior', 'loss_g',
@@ -26,6 +27,7 @@ __all__ = ['VARIANTS', 'GCONST', 'AUTHORS', 'HGADConfig', 'init_main_centres', '
 # %% ../nbs/11_hgad.ipynb #5b273790
 VARIANTS = ('code', 'paper', 'torch1', 'label_free')
 
+# one dataclass kept whole (it is long): its fields read as the table of the authors' defaults, each with its source
 @dataclass
 class HGADConfig:
     "HGAD hyper-parameters; defaults are the released code's (xcyao00/HGAD `main.py`, `models/`, `train.py`, `utils.py`)."
@@ -131,11 +133,13 @@ class HierarchicalPrior(nn.Module):
     def extra_repr(self): return f"dim={self.dim}, n_classes={self.n_classes}, n_centers={self.n_centers}"
 
 # %% ../nbs/11_hgad.ipynb #773726d8
-def _inter_logits(self:HierarchicalPrior, z:Tensor) -> Tensor:
+@patch
+def inter_logits(self:HierarchicalPrior, z:Tensor) -> Tensor:
     "-0.5 ||z - mu_y||^2 for every class: (N, Y)."
     return -0.5 * sq_dists(z, self.mu)
 
-def _intra_logits(self:HierarchicalPrior, z:Tensor, # (N, D)
+@patch
+def intra_logits(self:HierarchicalPrior, z:Tensor, # (N, D)
                   y:Tensor, # (N,) class of each row
                   detach_main:bool=False) -> Tensor:
     "-0.5 ||z - mu_{y,k}||^2 over the M centres of each row's class: (N, M) (one product over all Y*M centres, then a gather)."
@@ -143,16 +147,15 @@ def _intra_logits(self:HierarchicalPrior, z:Tensor, # (N, D)
     d = sq_dists(z, c.flatten(0, 1)).view(len(z), self.n_classes, self.n_centers)
     return -0.5 * d[torch.arange(len(z), device=z.device), y]
 
-def _log_prob_inter(self:HierarchicalPrior, z:Tensor) -> Tensor:
+@patch
+def log_prob_inter(self:HierarchicalPrior, z:Tensor) -> Tensor:
     "log p(z) under the inter-class mixture, with the Gaussian constant: (N,)."
     return (self.inter_logits(z) + self.phi_inter.log_softmax(0)).logsumexp(1) + self.dim * GCONST
 
-def _log_prob_intra(self:HierarchicalPrior, z:Tensor, y:Tensor, detach_main:bool=False) -> Tensor:
+@patch
+def log_prob_intra(self:HierarchicalPrior, z:Tensor, y:Tensor, detach_main:bool=False) -> Tensor:
     "log p(z | y) under class y's intra-class mixture, with the Gaussian constant: (N,)."
     return (self.intra_logits(z, y, detach_main) + self.phi_intra.log_softmax(1)[y]).logsumexp(1) + self.dim * GCONST
-
-HierarchicalPrior.inter_logits, HierarchicalPrior.intra_logits = _inter_logits, _intra_logits
-HierarchicalPrior.log_prob_inter, HierarchicalPrior.log_prob_intra = _log_prob_inter, _log_prob_intra
 
 # %% ../nbs/11_hgad.ipynb #3da81d20
 def loss_g(logits:Tensor, # -0.5 d_y, (N, Y)
@@ -277,55 +280,61 @@ def hgad_lr_factor(meta:int, # meta-epoch
     return cos(meta)
 
 # %% ../nbs/11_hgad.ipynb #9b9f2b21
+@patch
 def _meta(self:HGAD, epoch:int) -> tuple:
     "(meta-epoch, sub-epoch, number of meta-epochs, passes per meta-epoch) of pass `epoch` in the current run."
     n_meta, sub = meta_layout(self._run_epochs, self.cfg.meta_epochs)
     return epoch // sub, epoch % sub, n_meta, sub
 
-def _lr_factor(self:HGAD, epoch:int, step:int, steps_per_epoch:int) -> float:
+@patch
+def lr_factor(self:HGAD, epoch:int, step:int, steps_per_epoch:int) -> float:
     "Per-iteration lr multiplier for the shared trainer (replaces `Schedule.lr_factor`)."
     meta, s, n_meta, sub = self._meta(epoch)
     c = self.cfg
     return hgad_lr_factor(meta, step + s * steps_per_epoch, steps_per_epoch * sub, n_meta, c.warmup_meta_epochs,
                           c.warmup_from, c.lr_decay_rate)
 
-def _param_groups(self:HGAD, sch:Schedule) -> list:
+@patch
+def param_groups(self:HGAD, sch:Schedule) -> list:
     "Flows (weight decay), centres (lr_scale 1 'code' / 3 'paper', no decay), mixture logits (no decay) [code] model.py."
     self._run_epochs = sch.epochs        # the run's length sets the meta-epoch layout (see `meta_layout`)
     return [dict(params=[p for p in self.flows.parameters() if p.requires_grad], weight_decay=sch.weight_decay),
             dict(params=[q for p in self.priors for q in (p.mu, p.delta)], weight_decay=0.0, lr_scale=self.cfg.centre_lr_scale),
             dict(params=[q for p in self.priors for q in (p.phi_intra, p.phi_inter)], weight_decay=0.0, lr_scale=1.0)]
 
-def _schedule(self:HGAD) -> Schedule:
+@patch
+def schedule(self:HGAD) -> Schedule:
     "The authors' optimiser settings; the lr curve itself comes from `HGAD.lr_factor` (Schedule's warm-up/cosine stay off)."
     c = self.cfg
     return Schedule(epochs=c.meta_epochs * c.sub_epochs, batch_size=c.batch_size, lr=c.lr, optimizer='adam',
                     betas=c.betas, weight_decay=c.weight_decay, eval_every=c.eval_every, drop_last=True)
 
-def _stage2(self:HGAD) -> bool:
+@patch
+def stage2(self:HGAD) -> bool:
     "Whether the pass being trained is in stage 2 (meta-epoch >= stage2_from)."
     return self._meta(int(self.passes_done))[0] >= self.cfg.stage2_from
 
-def _on_epoch_end(self:HGAD, epoch:int): self.passes_done.fill_(epoch + 1)
-
-HGAD._meta, HGAD.lr_factor, HGAD.param_groups, HGAD.schedule = _meta, _lr_factor, _param_groups, _schedule
-HGAD.stage2, HGAD.on_epoch_end = _stage2, _on_epoch_end
+@patch
+def on_epoch_end(self:HGAD, epoch:int): self.passes_done.fill_(epoch + 1)
 
 # %% ../nbs/11_hgad.ipynb #4ba8786a
+@patch
 def _level_loss(self:HGAD, l:int, x:Tensor, cls:Tensor, stage2:bool) -> dict:
     c = self.cfg
     z, ld = self.level(l, x)
     y = cls.repeat_interleave(x.shape[2] * x.shape[3])
     return hgad_losses(self.priors[l], z, ld, y, stage2, c.lambda1, c.lambda2, c.label_smoothing)
 
-def _loss(self:HGAD, feats:list, batch:dict) -> dict:
+@patch
+def loss(self:HGAD, feats:list, batch:dict) -> dict:
     "Sum over levels of the stage's loss (one graph); parts averaged over levels."
     self._check(feats)
     per = [self._level_loss(l, x, batch['cls_index'], self.stage2()) for l, x in enumerate(feats)]
     out = {k: sum(p[k] for p in per) / len(per) for k in per[0] if k != 'loss'}
     return dict(loss=sum(p['loss'] for p in per), **{k: v.detach() for k, v in out.items()})
 
-def _training_step(self:HGAD, feats:list, batch:dict, opt:torch.optim.Optimizer, sch:Schedule|None=None) -> dict:
+@patch
+def training_step(self:HGAD, feats:list, batch:dict, opt:torch.optim.Optimizer, sch:Schedule|None=None) -> dict:
     "One batch: per level zero_grad / backward / step [code] train.py:train; returns the summed loss and mean parts."
     self._check(feats)
     stage2, sums = self.stage2(), {}
@@ -336,8 +345,6 @@ def _training_step(self:HGAD, feats:list, batch:dict, opt:torch.optim.Optimizer,
         opt.step()
         for k, v in parts.items(): sums[k] = sums.get(k, 0.0) + v.detach()
     return {k: (v if k == 'loss' else v / len(feats)) for k, v in sums.items()}
-
-HGAD._level_loss, HGAD.loss, HGAD.training_step = _level_loss, _loss, _training_step
 
 # %% ../nbs/11_hgad.ipynb #b7c03d04
 def anomaly_from_levels(maps:list, # per level (N, h_l, w_l) arrays of "normality" (log-likelihood-like, higher = normal)
@@ -355,6 +362,7 @@ def anomaly_from_levels(maps:list, # per level (N, h_l, w_l) arrays of "normalit
     return a.astype(np.float32)
 
 # %% ../nbs/11_hgad.ipynb #2b46573b
+@patch
 @torch.no_grad()
 def _predict_class(self:HGAD, outs:list, B:int) -> Tensor:
     "Label-free test class (ours): argmax of the inter-class posterior p(y | z), averaged over positions and levels."
@@ -364,8 +372,9 @@ def _predict_class(self:HGAD, outs:list, B:int) -> Tensor:
         post = post + p.view(B, -1, pr.n_classes).mean(1)
     return post.argmax(1)
 
+@patch
 @torch.no_grad()
-def _score(self:HGAD, feats:list, batch:dict|None=None, out_size:tuple|None=None) -> Scores:
+def score(self:HGAD, feats:list, batch:dict|None=None, out_size:tuple|None=None) -> Scores:
     "Raw level maps in `Scores.parts` (logp{l}, negent{l}, cls_used); image/pixel are zeros until `finalize_scores`."
     self._check(feats)
     B = feats[0].shape[0]
@@ -385,7 +394,9 @@ def _score(self:HGAD, feats:list, batch:dict|None=None, out_size:tuple|None=None
     z0 = feats[0].new_zeros(B)
     return Scores(image=z0, pixel=feats[0].new_zeros(B, *out_size), parts=parts)
 
-def _finalize_scores(self:HGAD, d:dict):
+# %% ../nbs/11_hgad.ipynb #ac273682
+@patch
+def finalize_scores(self:HGAD, d:dict):
     "Per class: likelihood x entropy anomaly maps normalised over the class's test set; image score = max [code] validate."
     H, W = d['masks'].shape[-2:]
     n = len(self.flows)
@@ -396,11 +407,10 @@ def _finalize_scores(self:HGAD, d:dict):
     d['scores'] = d['maps'].reshape(len(d['maps']), -1).max(1).astype(np.float64)
     d['pro_maps'] = None
 
-HGAD._predict_class, HGAD.score, HGAD.finalize_scores = _predict_class, _score, _finalize_scores
-
 # %% ../nbs/11_hgad.ipynb #98ef0f6c
+@patch
 @torch.no_grad()
-def _load_authors_state(self:HGAD, sd:dict, # the authors' checkpoint dict (`torch.load` of HGAD_<dataset>_<flag>.pt)
+def load_authors_state(self:HGAD, sd:dict, # the authors' checkpoint dict (`torch.load` of HGAD_<dataset>_<flag>.pt)
                        ):
     "Load xcyao00/HGAD `save_model` output: per-level FrEIA SequenceINN state dicts and the prior ParameterLists."
     if len(sd['nfs']) != len(self.flows): raise ValueError(f"checkpoint has {len(sd['nfs'])} flows, model {len(self.flows)}")
@@ -412,8 +422,6 @@ def _load_authors_state(self:HGAD, sd:dict, # the authors' checkpoint dict (`tor
         pr.mu.copy_(sd['mus'][str(l)]); pr.delta.copy_(sd['mu_deltas'][str(l)])
         pr.phi_inter.copy_(sd['phi_inters'][str(l)]); pr.phi_intra.copy_(sd['phi_intras'][str(l)])
     return self
-
-HGAD.load_authors_state = _load_authors_state
 
 # %% ../nbs/11_hgad.ipynb #3669ea57
 AUTHORS = dict(backbone='hgad', image_size=1024, epochs=200) # [code] main.py: tf_efficientnet_b6, --img_size 1024, 25 x 8 passes
