@@ -4,8 +4,8 @@
 
 # %% ../nbs/01_data.ipynb #d783b7c2
 from __future__ import annotations
-import csv, os, warnings
-from dataclasses import dataclass
+import csv, json, os, warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -15,15 +15,25 @@ from PIL import Image
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['MVTEC_CLASSES', 'VISA_CLASSES', 'IMAGE_EXTS', 'FORMATS', 'RESAMPLE', 'DatasetError', 'Record', 'scan_mvtec',
-           'scan_visa_csv', 'detect_format', 'scan_dataset', 'open_image', 'open_mask', 'Sample', 'AnomalyDataset',
-           'collate_samples']
+__all__ = ['MVTEC_CLASSES', 'VISA_CLASSES', 'BTAD_CLASSES', 'MPDD_CLASSES', 'MVTEC3D_CLASSES', 'MVTEC_AD2_CLASSES',
+           'REALIAD_CLASSES', 'IMAGE_EXTS', 'UNION_SEP', 'FORMATS', 'RESAMPLE', 'DatasetError', 'Record', 'scan_mvtec',
+           'scan_visa_csv', 'scan_btad', 'scan_mvtec3d', 'scan_mvtec_ad2', 'unlabeled_images', 'RealIADRoot',
+           'realiad_root', 'scan_realiad', 'DatasetUnion', 'union_of', 'scan_union', 'detect_format', 'scan_dataset',
+           'split_files', 'open_image', 'open_mask', 'Sample', 'AnomalyDataset', 'collate_samples']
 
 # %% ../nbs/01_data.ipynb #a508fb40
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
                  "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")  # MVTec AD, 15 classes
 VISA_CLASSES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
                 "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")  # VisA, 12 classes (split_csv/1cls.csv)
+BTAD_CLASSES = ("01", "02", "03")  # BTAD (`datasets/btad.py` in xcyao00/HGAD)
+MPDD_CLASSES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")  # MPDD, MVTec layout
+MVTEC3D_CLASSES = ("bagel", "cable_gland", "carrot", "cookie", "dowel", "foam", "peach", "potato", "rope", "tire")  # RGB only
+MVTEC_AD2_CLASSES = ("can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts")
+REALIAD_CLASSES = ("audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts", "pcb",
+                   "phone_battery", "plastic_nut", "plastic_plug", "porcelain_doll", "regulator", "rolled_strip_base",
+                   "sim_card_set", "switch", "tape", "terminalblock", "toothbrush", "toy", "toy_brick", "transistor1",
+                   "u_block", "usb", "usb_adaptor", "vcpill", "wooden_beads", "woodstick", "zipper")  # Real-IAD, 30
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 class DatasetError(ValueError):
@@ -61,9 +71,28 @@ def _check_root(root) -> Path:
     if not root.is_dir(): raise DatasetError(f"dataset root {root} is not a folder")
     return root
 
+# %% ../nbs/01_data.ipynb #6179efac
+@dataclass(frozen=True)
+class _Tree:
+    "Where a folder layout keeps a class's images, relative to the class folder."
+    train: str = "train/good"        # the normal training images
+    test: str = "test"               # one sub-folder per type (the normal type and each defect type)
+    good: str = "good"               # the normal type's folder name
+    images: str = ""                 # a type folder's image sub-folder ("rgb" in MVTec 3D-AD)
+    gt: str = "ground_truth/{type}"  # the masks of a defect type
+    skip: tuple = ()                 # folders under `test` that are not types (MVTec AD 2's ground_truth)
+
+    def has_masks(self, cdir:Path) -> bool: return (cdir / self.gt.split("{type}")[0]).is_dir()
+    def is_class(self, d:Path) -> bool:
+        return d.is_dir() and not d.name.startswith(".") and ((d / self.train.split("/")[0]).is_dir() or (d / self.test).is_dir())
+
+_TREES = dict(mvtec=_Tree(),                                                          # MVTec AD, MPDD, converted VisA
+              btad=_Tree(train="train/ok", good="ok"),                                # `datasets/btad.py` (HGAD)
+              mvtec3d=_Tree(train="train/good/rgb", images="rgb", gt="test/{type}/gt"),  # `datasets/mvtec_3d.py` (HGAD)
+              mvtec_ad2=_Tree(test="test_public", gt="test_public/ground_truth/{type}", skip=("ground_truth",)))
+
 # %% ../nbs/01_data.ipynb #9e4d2b17
-def _is_mvtec_class(d:Path) -> bool:
-    return d.is_dir() and not d.name.startswith(".") and ((d / "train").is_dir() or (d / "test").is_dir())
+def _is_mvtec_class(d:Path) -> bool: return _TREES["mvtec"].is_class(d)
 
 def _check_distinct_folders(dirs:list[Path]):
     "Refuse two class names for one folder (a symlink): its images would be read twice, as two classes."
@@ -74,12 +103,12 @@ def _check_distinct_folders(dirs:list[Path]):
                                "read twice, as two classes; remove the link or pick one name with classes=[...]")
         seen[real] = d
 
-def _mvtec_classes(root:Path, classes) -> list[str]:
+def _mvtec_classes(root:Path, classes, tree:_Tree=_TREES["mvtec"]) -> list[str]:
     if classes is None:
-        found = sorted(d.name for d in root.iterdir() if _is_mvtec_class(d))
+        found = sorted(d.name for d in root.iterdir() if tree.is_class(d))
         if not found:
             hint = " (it looks like a single class folder: pass its parent as root)" if (root / "train").is_dir() else ""
-            raise DatasetError(f"no class folders (sub-folders with train/ or test/) found in {root}{hint}")
+            raise DatasetError(f"no class folders (sub-folders with {tree.train.split('/')[0]}/ or {tree.test}/) found in {root}{hint}")
     else:
         found = sorted([classes] if isinstance(classes, str) else classes)
         for c in found:
@@ -119,43 +148,55 @@ def _no_mask_error(gt_dir:Path, img:Path, cls_name:str) -> DatasetError:
     return DatasetError(f"no mask for defect image {img}: looked {where} for {img.stem}_mask.<ext> or {img.stem}.<ext> "
                         f"with <ext> one of {' '.join(IMAGE_EXTS)} in any case (class {cls_name!r} has a ground_truth folder)")
 
+# %% ../nbs/01_data.ipynb #3e39e5bd
+def _scan_train(cdir:Path, c:str, tree:_Tree) -> list[Record]:
+    "The normal training images of class folder `cdir`; anything beside the normal folder is named in a warning."
+    good = cdir / tree.train
+    if not good.is_dir(): raise DatasetError(f"class {c!r} has no {tree.train} folder ({good} missing)")
+    imgs = _list_images(good)
+    if not imgs: raise DatasetError(f"zero images found in {good}")
+    top, first = cdir / tree.train.split("/")[0], tree.train.split("/")[1]
+    if extra := sorted(d.name for d in top.iterdir() if d.name != first and not d.name.startswith(".")):
+        warnings.warn(f"ignoring {extra} in {top}: only {tree.train} is read")
+    return [Record(p, None, 0, "good", c, "train") for p in imgs]
+
+def _scan_test(cdir:Path, c:str, tree:_Tree) -> list[Record]:
+    "The test images of class folder `cdir`, one type folder each; a class with masks needs one for every defect image."
+    tdir, masks = cdir / tree.test, tree.has_masks(cdir)
+    if not tdir.is_dir(): raise DatasetError(f"class {c!r} has no {tree.test} folder ({tdir} missing)")
+    types = sorted(d.name for d in tdir.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in tree.skip)
+    if not types: raise DatasetError(f"no defect-type folders ({tree.good}, <defect>) in {tdir}")
+    recs = []
+    for t in types:
+        imgs = _list_images(tdir / t / tree.images)
+        if not imgs: warnings.warn(f"empty test folder {tdir / t / tree.images}")
+        gt = cdir / tree.gt.format(type=t)
+        index = _mask_index(gt) if masks and t != tree.good else {}
+        for p in imgs:
+            if t == tree.good: recs.append(Record(p, None, 0, "good", c, "test")); continue
+            m = _find_mask(gt, p, index) if masks else None
+            if masks and m is None: raise _no_mask_error(gt, p, c)
+            recs.append(Record(p, m, 1, t, c, "test"))
+    if not recs: raise DatasetError(f"zero images found in {tdir}")
+    return recs
+
 # %% ../nbs/01_data.ipynb #8d2f35b1
+def _scan_tree(root, split:str, classes, fmt:str) -> list[Record]:
+    "List the images of a folder-layout dataset (`_TREES[fmt]`) for one split."
+    _check_split(split); root, tree = _check_root(root), _TREES[fmt]
+    recs = []
+    for c in _mvtec_classes(root, classes, tree):
+        recs += (_scan_train if split == "train" else _scan_test)(root / c, c, tree)
+    if not recs: raise DatasetError(f"zero images found in {root} for split {split!r}")
+    _check_unique_files(recs)
+    return recs
+
 def scan_mvtec(root:str|Path, # dataset root holding one folder per class
                split:str, # "train" or "test"
                classes:list[str]|None=None, # class names; None = every sub-folder with train/ or test/, sorted
               ) -> list[Record]:
-    "List the images of an MVTec-layout dataset (MVTec AD, converted VisA, any such folder)."
-    _check_split(split); root = _check_root(root)
-    recs = []
-    for c in _mvtec_classes(root, classes):
-        cdir = root / c
-        if split == "train":
-            good = cdir / "train" / "good"
-            if not good.is_dir(): raise DatasetError(f"class {c!r} has no train/good folder ({good} missing)")
-            imgs = _list_images(good)
-            if not imgs: raise DatasetError(f"zero images found in {good}")
-            if extra := sorted(d.name for d in (cdir / "train").iterdir() if d.name != "good" and not d.name.startswith(".")):
-                warnings.warn(f"ignoring {extra} in {cdir / 'train'}: only train/good is read")
-            recs += [Record(p, None, 0, "good", c, "train") for p in imgs]
-            continue
-        tdir, gt = cdir / "test", cdir / "ground_truth"
-        if not tdir.is_dir(): raise DatasetError(f"class {c!r} has no test folder ({tdir} missing)")
-        types = sorted(d.name for d in tdir.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not types: raise DatasetError(f"no defect-type folders (good, <defect>) in {tdir}")
-        n0 = len(recs)
-        for t in types:
-            imgs = _list_images(tdir / t)
-            if not imgs: warnings.warn(f"empty test folder {tdir / t}")
-            index = _mask_index(gt / t) if gt.is_dir() and t != "good" else {}
-            for p in imgs:
-                if t == "good": recs.append(Record(p, None, 0, "good", c, "test")); continue
-                m = _find_mask(gt / t, p, index) if gt.is_dir() else None
-                if gt.is_dir() and m is None: raise _no_mask_error(gt / t, p, c)
-                recs.append(Record(p, m, 1, t, c, "test"))
-        if len(recs) == n0: raise DatasetError(f"zero images found in {tdir}")
-    if not recs: raise DatasetError(f"zero images found in {root} for split {split!r}")
-    _check_unique_files(recs)
-    return recs
+    "List the images of an MVTec-layout dataset (MVTec AD, MPDD, converted VisA, any such folder)."
+    return _scan_tree(root, split, classes, "mvtec")
 
 # %% ../nbs/01_data.ipynb #0d7b5e19
 _VISA_CSV = Path("split_csv") / "1cls.csv"  # the file `datasets/visa.py:VISA._load_data` (xcyao00/HGAD) reads
@@ -255,33 +296,234 @@ def scan_visa_csv(root:str|Path, # VisA root holding split_csv/1cls.csv and one 
     _check_unique_files(recs)
     return recs
 
-# %% ../nbs/01_data.ipynb #c9e2a493
-FORMATS = ("mvtec", "visa_csv")
+# %% ../nbs/01_data.ipynb #51837f45
+_PRIVATE = ("test_private", "test_private_mixed")  # MVTec AD 2's unlabeled test sets
 
-def detect_format(root:str|Path) -> str:
-    "'visa_csv' if `root/split_csv/1cls.csv` exists, 'mvtec' if some sub-folder has train/ or test/."
+def scan_btad(root:str|Path, split:str, classes:list[str]|None=None) -> list[Record]:
+    "List the images of BTAD (`ok` normal, `ko` defective; masks .png, .bmp for class 03)."
+    return _scan_tree(root, split, classes, "btad")
+
+def scan_mvtec3d(root:str|Path, split:str, classes:list[str]|None=None) -> list[Record]:
+    "List the RGB images of MVTec 3D-AD (`<type>/rgb`, masks `<type>/gt`)."
+    return _scan_tree(root, split, classes, "mvtec3d")
+
+def scan_mvtec_ad2(root:str|Path, split:str, classes:list[str]|None=None) -> list[Record]:
+    "List the images of MVTec AD 2: train/good for training, test_public for testing (the private sets have no labels)."
+    if split in _PRIVATE or split == "validation":
+        why = ("has no labels: MVTec scores it on its benchmark server (benchmark.mvtec.com); this suite never evaluates it"
+               if split in _PRIVATE else "holds normal images for choosing thresholds, not a test set")
+        raise DatasetError(f"MVTec AD 2's {split!r} set of {root} {why}; use split 'train' or 'test' (= test_public)")
+    return _scan_tree(root, split, classes, "mvtec_ad2")
+
+def unlabeled_images(root:str|Path, classes:list[str]|None=None) -> dict:
+    "MVTec AD 2's private test images per class and set (for submitting to the benchmark server; never scored here)."
     root = _check_root(root)
-    if (root / _VISA_CSV).is_file(): return "visa_csv"
-    if any(_is_mvtec_class(d) for d in root.iterdir()): return "mvtec"
-    hint = " (it looks like a single class folder: pass its parent as root)" if (root / "train").is_dir() else ""
-    raise DatasetError(f"cannot tell the layout of {root}: no split_csv/1cls.csv and no class folder with "
-                       f"train/ or test/{hint}")
+    return {c: {s: _list_images(root / c / s) if (root / c / s).is_dir() else [] for s in _PRIVATE}
+            for c in _mvtec_classes(root, classes, _TREES["mvtec_ad2"])}
 
-def scan_dataset(root:str|Path, # dataset root
+# %% ../nbs/01_data.ipynb #a87d77e9
+@dataclass(frozen=True)
+class RealIADRoot:
+    "A Real-IAD download: the images of one resolution and the JSON folder of one protocol."
+    images: Path  # realiad_<res>: one folder per category
+    jsons: Path   # one <category>.json per category (realiad_jsons, realiad_jsons_sv, realiad_jsons_fuiad_0.x)
+    def __str__(self): return f"{self.images} (split: {self.jsons.name})"
+
+def _realiad_images(base:Path) -> list[Path]:
+    return sorted(d for d in base.iterdir() if d.is_dir() and d.name.startswith("realiad_") and not d.name.startswith("realiad_jsons"))
+
+def _realiad_jsons(base:Path, name:str) -> Path|None:
+    "The folder of `<category>.json` files called `name` in `base` or in `base/realiad_jsons` (both are shipped)."
+    for d in (base / name, base / "realiad_jsons" / name):
+        if d.is_dir() and any(d.glob("*.json")): return d
+    return None
+
+# %% ../nbs/01_data.ipynb #6aa3386b
+def realiad_root(root:str|Path, # the Real-IAD folder, a realiad_<res> folder, or a protocol's JSON folder
+                 jsons:str|None=None, # protocol folder name; None = the folder given, else "realiad_jsons" (multi-view)
+                 resolution:int|str|None=None, # 256, 512, 1024; None = the only one downloaded
+                ) -> RealIADRoot:
+    "Resolve a Real-IAD download to its image folder and split JSON folder; refuse to guess between several."
+    if isinstance(root, RealIADRoot): return root
+    root = _check_root(root)
+    if any(root.glob("*.json")) and jsons is None: jroot, base = root, [root.parent, root.parent.parent]
+    elif root.name.startswith("realiad_") and not root.name.startswith("realiad_jsons"):
+        jroot, base, resolution = None, [root.parent], root.name[len("realiad_"):]
+    else: jroot, base = None, [root]
+    imgs = [d for b in base for d in _realiad_images(b)]
+    if resolution is not None: imgs = [d for d in imgs if d.name == f"realiad_{resolution}"]
+    if len(imgs) != 1:
+        raise DatasetError(f"Real-IAD at {root}: {'no' if not imgs else len(imgs)} image folder(s) realiad_<res> "
+                           f"({', '.join(str(d) for d in imgs) or 'none'}); pass resolution=... (realiad_root, or "
+                           "data_root={'root': ..., 'resolution': 256})")
+    if jroot is None:
+        name = jsons or "realiad_jsons"
+        jroot = next((j for b in [imgs[0].parent, *base] if (j := _realiad_jsons(b, name))), None)
+        if jroot is None: raise DatasetError(f"Real-IAD split folder {name!r} (with <category>.json files) not found "
+                                             f"beside {imgs[0]} or in its realiad_jsons/")
+    return RealIADRoot(imgs[0], jroot)
+
+# %% ../nbs/01_data.ipynb #ad5798ac
+def _read_realiad_json(f:Path) -> dict:
+    "A category's split JSON, checked: meta, and train/test lists of entries with image_path and anomaly_class."
+    if not f.is_file(): raise DatasetError(f"Real-IAD split file {f} not found")
+    try: d = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e: raise DatasetError(f"cannot parse {f}: {type(e).__name__}: {e}") from e
+    if not isinstance(d, dict) or not all(isinstance(d.get(s), list) for s in ("train", "test")):
+        raise DatasetError(f"{f} must hold a 'train' and a 'test' list (Real-IAD split format)")
+    for s in ("train", "test"):
+        for i, e in enumerate(d[s]):
+            if not (isinstance(e, dict) and e.get("image_path") and e.get("anomaly_class")):
+                raise DatasetError(f"{f}, {s}[{i}]: an entry needs image_path and anomaly_class, got {str(e)[:150]}")
+    seen = {}
+    for s in ("train", "test"):
+        for i, e in enumerate(d[s]):
+            k = os.path.normpath(e["image_path"])
+            if k in seen: raise DatasetError(f"{f}: image {k} is listed twice ({seen[k]} and {s}[{i}])"
+                                             + (": a test image must not be seen in training" if seen[k][:4] != s[:4] else ""))
+            seen[k] = f"{s}[{i}]"
+    return d
+
+# %% ../nbs/01_data.ipynb #f697db38
+def _realiad_has_masks(d:dict, normal:str) -> bool:
+    return any(e.get("mask_path") for s in ("train", "test") for e in d[s] if e["anomaly_class"] != normal)
+
+def scan_realiad(root:str|Path|RealIADRoot, # see `realiad_root`
+                 split:str, # "train" or "test"
+                 classes:list[str]|None=None, # categories; None = every <category>.json of the protocol
+                ) -> list[Record]:
+    "List the images of Real-IAD as its split JSON names them (label from `anomaly_class`, mask from `mask_path`)."
+    _check_split(split); src = realiad_root(root)
+    known = sorted(p.stem for p in src.jsons.glob("*.json"))
+    for c in classes if classes is not None else []:
+        if c not in known: raise DatasetError(f"category {c!r} has no {c}.json in {src.jsons} (has {known})")
+    recs = []
+    for c in sorted(known if classes is None else ([classes] if isinstance(classes, str) else classes)):
+        f = src.jsons / f"{c}.json"; d = _read_realiad_json(f)
+        meta = d.get("meta") or {}
+        normal, base = meta.get("normal_class", "OK"), src.images / c / (meta.get("prefix") or "")
+        masks = _realiad_has_masks(d, normal)
+        if not d[split]: raise DatasetError(f"zero images of category {c!r} for split {split!r} in {f}")
+        for i, e in enumerate(d[split]):
+            p, bad = base / e["image_path"], e["anomaly_class"] != normal
+            if not p.is_file(): raise DatasetError(f"image {p} listed in {f} ({split}[{i}]) does not exist")
+            m = base / e["mask_path"] if bad and e.get("mask_path") else None
+            if bad and masks and m is None: raise DatasetError(f"no mask for defect image {p} in {f} ({split}[{i}]; "
+                                                               f"other anomalies of {c!r} have masks)")
+            if m is not None and not m.is_file(): raise DatasetError(f"mask {m} of {p} ({f}, {split}[{i}]) does not exist")
+            recs.append(Record(p, m, int(bad), e["anomaly_class"] if bad else "good", c, split))
+        if split == "train" and (n := sum(r.label for r in recs if r.cls_name == c)):
+            warnings.warn(f"{f}: {n} of {len(d['train'])} training images of {c!r} are anomalous (a fully-unsupervised "
+                          "protocol): they are trained on as they are, as the protocol intends")
+    _check_unique_files(recs)
+    return recs
+
+# %% ../nbs/01_data.ipynb #5fb4f1a5
+UNION_SEP = "/"  # between a union part's name and its class name
+
+@dataclass(frozen=True)
+class DatasetUnion:
+    "Several data sets read as one multi-class set: ((name, root), ...) with classes named `<name>/<class>`."
+    parts: tuple
+    def __str__(self): return "union(" + ", ".join(f"{n}={r}" for n, r in self.parts) + ")"
+
+def union_of(pairs, # {name: root} or [(name, root), ...]; a root may be a folder or a `RealIADRoot`
+            ) -> DatasetUnion:
+    "A `DatasetUnion` of (data set name, root) pairs; names must be unique and free of the separator."
+    pairs = list(pairs.items()) if isinstance(pairs, dict) else [tuple(p) for p in pairs]
+    if not pairs: raise DatasetError("a union needs at least one (name, root) pair")
+    names = [n for n, _ in pairs]
+    if dups := sorted({n for n in names if names.count(n) > 1}): raise DatasetError(f"union part names must be unique: {dups}")
+    if bad := [n for n in names if not n or UNION_SEP in str(n)]: raise DatasetError(f"bad union part names {bad} (empty or with {UNION_SEP!r})")
+    return DatasetUnion(tuple((str(n), _as_root(r)) for n, r in pairs))
+
+# %% ../nbs/01_data.ipynb #2fc8dec9
+def _split_union_classes(u:DatasetUnion, classes) -> dict:
+    "{part name: its classes (None = all)} for union class names `<name>/<class>`; an unknown part is an error."
+    if classes is None: return {n: None for n, _ in u.parts}
+    out, names = {}, [n for n, _ in u.parts]
+    for c in [classes] if isinstance(classes, str) else classes:
+        n, sep, k = c.partition(UNION_SEP)
+        if not sep or n not in names: raise DatasetError(f"union class {c!r} is not '<part>{UNION_SEP}<class>' with <part> one of {names}")
+        out.setdefault(n, []).append(k)
+    return out
+
+def scan_union(u:DatasetUnion, split:str, classes:list[str]|None=None) -> list[Record]:
+    "List the images of every part of a union, class names prefixed by the part's name."
+    want, recs = _split_union_classes(u, classes), []
+    for n, root in u.parts:
+        if n in want: recs += [replace(r, cls_name=f"{n}{UNION_SEP}{r.cls_name}") for r in scan_dataset(root, split, want[n])]
+    _check_unique_files(recs)
+    return recs
+
+# %% ../nbs/01_data.ipynb #93cc922d
+FORMATS = ("mvtec", "visa_csv", "btad", "mvtec3d", "mvtec_ad2", "realiad", "union")
+
+def _as_root(root):
+    "A dataset root: a checked folder, a `RealIADRoot`, or a `DatasetUnion` (a list of pairs or a dict becomes one)."
+    if isinstance(root, (RealIADRoot, DatasetUnion)): return root
+    if isinstance(root, dict) and "root" in root: return realiad_root(**root)  # {"root": ..., "resolution": ..., "jsons": ...}
+    if isinstance(root, (list, tuple, dict)): return union_of(root)
+    return _check_root(root)
+
+def _looks_like(root:Path) -> str|None:
+    "The folder layout whose marks `root`'s class folders carry, or None."
+    subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if _realiad_images(root) or (root.name.startswith("realiad_") and any(root.glob("*.json"))) or \
+       (root.name.startswith("realiad_") and any((d / "OK").is_dir() or (d / "NG").is_dir() for d in subs)): return "realiad"
+    for fmt, mark in (("mvtec_ad2", "test_public"), ("mvtec3d", "train/good/rgb"), ("btad", "train/ok"), ("btad", "test/ok")):
+        if any((d / mark).is_dir() for d in subs): return fmt
+    return "mvtec" if any(_is_mvtec_class(d) for d in subs) else None
+
+# %% ../nbs/01_data.ipynb #c9e2a493
+def detect_format(root) -> str:
+    "The layout of `root`: 'visa_csv' (split_csv/1cls.csv), Real-IAD, MVTec AD 2, MVTec 3D-AD, BTAD, else 'mvtec'."
+    root = _as_root(root)
+    if isinstance(root, DatasetUnion): return "union"
+    if isinstance(root, RealIADRoot): return "realiad"
+    if (root / _VISA_CSV).is_file(): return "visa_csv"
+    if fmt := _looks_like(root): return fmt
+    hint = " (it looks like a single class folder: pass its parent as root)" if (root / "train").is_dir() else ""
+    raise DatasetError(f"cannot tell the layout of {root}: no split_csv/1cls.csv, no Real-IAD folders and no class folder "
+                       f"with train/ or test/{hint}")
+
+_SCANNERS = dict(mvtec=scan_mvtec, visa_csv=scan_visa_csv, btad=scan_btad, mvtec3d=scan_mvtec3d,
+                 mvtec_ad2=scan_mvtec_ad2, realiad=scan_realiad, union=scan_union)
+
+def scan_dataset(root, # dataset root: a folder, a `RealIADRoot`, or a `DatasetUnion` (or the pairs of one)
                  split:str, # "train" or "test"
                  classes:list[str]|None=None, # class names; None = all found
-                 fmt:str="auto", # "auto", "mvtec" (incl. converted VisA) or "visa_csv"
+                 fmt:str="auto", # "auto" or one of `FORMATS`
                 ) -> list[Record]:
     "List the images of a dataset in any supported layout."
+    root = _as_root(root)
     if fmt == "auto": fmt = detect_format(root)
-    if fmt == "mvtec": return scan_mvtec(root, split, classes)
-    if fmt == "visa_csv": return scan_visa_csv(root, split, classes)
-    raise DatasetError(f"unknown dataset format {fmt!r}; expected 'auto' or one of {FORMATS}")
+    if fmt not in _SCANNERS: raise DatasetError(f"unknown dataset format {fmt!r}; expected 'auto' or one of {FORMATS}")
+    return _SCANNERS[fmt](root, split, classes)
 
-def _class_has_masks(root:Path, fmt:str, c:str, df:pd.DataFrame|None=None) -> bool:
+# %% ../nbs/01_data.ipynb #a712c4cd
+def _class_has_masks(root, fmt:str, c:str, df:pd.DataFrame|None=None) -> bool:
     "Whether class `c` has pixel ground truth (`df`: the VisA csv, already read)."
-    if fmt == "mvtec": return (root / c / "ground_truth").is_dir()
+    if fmt in _TREES: return _TREES[fmt].has_masks(root / c)
+    if fmt == "realiad":
+        src = realiad_root(root); d = _read_realiad_json(src.jsons / f"{c}.json")
+        return _realiad_has_masks(d, (d.get("meta") or {}).get("normal_class", "OK"))
+    if fmt == "union":
+        n, _, k = c.partition(UNION_SEP); r = dict(root.parts)[n]
+        return _class_has_masks(r, detect_format(r), k)
     return _visa_has_masks(_read_visa_csv(root) if df is None else df, c)
+
+def split_files(root, classes:list[str]|None=None) -> list[Path]:
+    "The files that define a dataset's splits and labels beyond its folders: VisA's csv, Real-IAD's JSONs."
+    root = _as_root(root); fmt = detect_format(root)
+    if fmt == "visa_csv": return [root / _VISA_CSV]
+    if fmt == "realiad":
+        src = realiad_root(root)
+        return sorted(src.jsons / f"{c}.json" for c in (classes or sorted(p.stem for p in src.jsons.glob("*.json"))))
+    if fmt == "union":
+        want = _split_union_classes(root, classes)
+        return [f for n, r in root.parts if n in want for f in split_files(r, want[n])]
+    return []
 
 # %% ../nbs/01_data.ipynb #4b1234b8
 RESAMPLE = dict(lanczos=Image.Resampling.LANCZOS, bilinear=Image.Resampling.BILINEAR,
@@ -383,17 +625,17 @@ def _sample_mask(r:Record, hw:tuple, out_hw:tuple) -> np.ndarray:
 # %% ../nbs/01_data.ipynb #92b9c540
 class AnomalyDataset(torch.utils.data.Dataset):
     "Images, masks, labels and class indices of a multi-class anomaly dataset (one split, all classes)."
-    def __init__(self, root:str|Path, # dataset root (MVTec layout, converted VisA or original VisA)
+    def __init__(self, root, # a dataset folder (any layout of `FORMATS`), a `RealIADRoot`, or (name, root) pairs of a union
                  split:str="train", # "train" or "test"
                  classes:list[str]|None=None, # class names; None = all classes found, sorted
-                 fmt:str="auto", # "auto", "mvtec" or "visa_csv"
+                 fmt:str="auto", # "auto" or one of `FORMATS`
                  image_size:int|tuple|None=256, # output (H,W) or side; None = keep the file's size
                  mask_size:int|tuple|None=None, # mask (H,W) or side; None = image_size
                  resample:str="lanczos", # image interpolation: LANCZOS as VQ-Flow [code]; "bilinear" as UniAD/HVQ-Trans
                  verbose:bool=True, # print the per-class counts on load
                  class_index:dict|None=None, # name->index to reuse (e.g. the training set's); None = sorted classes
                 ):
-        self.root, self.split = _check_root(root), split
+        self.root, self.split = _as_root(root), split
         if resample not in RESAMPLE: raise DatasetError(f"unknown resample {resample!r}; expected one of {list(RESAMPLE)}")
         self.fmt = detect_format(self.root) if fmt == "auto" else fmt
         self.records = scan_dataset(self.root, split, classes, self.fmt)
@@ -448,6 +690,8 @@ def counts(self:AnomalyDataset) -> pd.DataFrame:
                          defect_types=len({r.defect for r in rc if r.label}),
                          masks="yes" if self.has_masks[c] else "image-level only"))
     df = pd.DataFrame(rows).set_index("cls")
+    if self.fmt == "mvtec_ad2":  # listed, never read: MVTec's server scores them
+        df["unlabeled_private"] = [sum(map(len, v.values())) for v in unlabeled_images(self.root, self.classes).values()]
     if failed: df[["train_good"] if other == "train" else ["test_good", "test_defective", "defect_types"]] = pd.NA
     self._counts = df
     return df

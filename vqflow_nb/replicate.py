@@ -21,8 +21,8 @@ from .core import (exists, default, project_root, provenance, record, seed_every
 # %% auto #0
 __all__ = ['PARAMETERS', 'METHODS', 'PUBLISHED_CLASSES', 'METRIC_NAMES', 'register_method', 'build_method', 'make_extractor',
            'resolve_data', 'synthetic_root', 'data_fingerprint', 'portable_path', 'per_kind_table', 'train_classes',
-           'run_experiment', 'plot_curves', 'loss_flattened', 'run_figures', 'run_id', 'compare_runs', 'replicate',
-           'load_runs', 'load_reported', 'collect', 'main']
+           'dataset_name', 'per_dataset', 'compare_published', 'run_experiment', 'plot_curves', 'loss_flattened',
+           'run_figures', 'run_id', 'compare_runs', 'replicate', 'load_runs', 'load_reported', 'collect', 'main']
 
 # %% ../nbs/30_replicate.ipynb #ba7ed18c
 PARAMETERS = ('data_root', 'classes', 'method', 'variant', 'backbone', 'weights', 'image_size', 'epochs',
@@ -89,10 +89,16 @@ def make_extractor(backbone:str|None=None, # a preset of `vqflow_nb.features.PRE
     return FeatureExtractor(backbone, out_indices=idx, weights=default(weights, 'timm'), **kw)
 
 # %% ../nbs/30_replicate.ipynb #43894f33
-def resolve_data(dataset:str, # 'synthetic', 'mvtec_ad', 'visa' or any name (MVTec layout)
-                 data_root:str|Path|None=None, # the dataset folder; None only for 'synthetic'
-                ) -> Path:
-    "The dataset folder: `data_root`, or for dataset 'synthetic' the embedded benchmark (built if missing)."
+def resolve_data(dataset:str, # 'synthetic', 'mvtec_ad', 'visa', 'btad', 'realiad', 'union', ... (any name)
+                 data_root=None, # a dataset folder, a Real-IAD dict, or [name, root] pairs (a union); None only for 'synthetic'
+                ):
+    "The dataset root: `data_root` (checked), or for dataset 'synthetic' the embedded benchmark (built if missing)."
+    from vqflow_nb.data import union_of, realiad_root
+    if isinstance(data_root, dict) and 'root' in data_root:   # Real-IAD with its resolution / split protocol named
+        return realiad_root(**dict(data_root, root=resolve_data(dataset, data_root['root'])))
+    if isinstance(data_root, (list, tuple, dict)):             # a union: every part resolved like a data_root of its own
+        pairs = data_root.items() if isinstance(data_root, dict) else data_root
+        return union_of([(n, resolve_data(n, r)) for n, r in pairs])
     if exists(data_root):
         p = Path(data_root).expanduser()
         if not p.exists(): raise FileNotFoundError(f'data_root {p} does not exist')
@@ -111,20 +117,32 @@ def synthetic_root(dataset:str='mvtec_ad') -> Path:
     return make_synthetic(project_root()/'data'/f'synthetic_{layout}', layout=layout)
 
 # %% ../nbs/30_replicate.ipynb #1cd65282
-def data_fingerprint(root:str|Path, # dataset root
+def _named_files(root, classes=None) -> list:
+    "(name relative to the root, path) of every image and mask of both splits and of the split files (csv, JSON)."
+    from vqflow_nb.data import scan_dataset, split_files, DatasetUnion, RealIADRoot, UNION_SEP, _as_root, _split_union_classes
+    root = _as_root(root)
+    if isinstance(root, DatasetUnion):
+        want = _split_union_classes(root, classes)
+        return [(f'{n}{UNION_SEP}{k}', f) for n, r in root.parts if n in want for k, f in _named_files(r, want[n])]
+    base = Path(os.path.commonpath([root.images, root.jsons])) if isinstance(root, RealIADRoot) else root
+    files = {Path(f) for split in ('train', 'test') for r in scan_dataset(root, split, classes)
+             for f in (r.path, r.mask_path) if exists(f)} | set(split_files(root, classes))
+    return [(f.relative_to(base).as_posix(), f) for f in sorted(files)]
+
+def data_fingerprint(root, # dataset root (a folder, a `RealIADRoot` or a `DatasetUnion`)
                      classes=None, # the classes a run uses (None: all)
                     ) -> str:
-    "Short hash of the content of every image and mask file of both splits, with their paths relative to `root`."
-    from vqflow_nb.data import scan_dataset
-    root, h = Path(root), hashlib.sha1()
-    files = sorted({f for split in ('train', 'test') for r in scan_dataset(root, split, classes)
-                    for f in (r.path, r.mask_path) if exists(f)})
-    for f in files:   # content, not modification times: a fresh clone's rebuilt synthetic data is the same data
-        with open(f, 'rb') as fh: h.update(Path(f).relative_to(root).as_posix().encode() + b'\0' + hashlib.file_digest(fh, 'sha1').digest())
+    "Short hash of the content of every file that defines the data (images, masks, split files), with their relative names."
+    h = hashlib.sha1()
+    for name, f in _named_files(root, classes):   # content, not modification times: a rebuilt synthetic set is the same data
+        with open(f, 'rb') as fh: h.update(name.encode() + b'\0' + hashlib.file_digest(fh, 'sha1').digest())
     return h.hexdigest()[:12]
 
-def portable_path(p:str|Path) -> str:
+def portable_path(p) -> str:
     "`p` relative to `$VQFLOW_DATA` or the project (`<project>/data/x`), else only its name (`<external>/x`)."
+    from vqflow_nb.data import DatasetUnion, RealIADRoot
+    if isinstance(p, DatasetUnion): return 'union(' + ', '.join(f'{n}={portable_path(r)}' for n, r in p.parts) + ')'
+    if isinstance(p, RealIADRoot): return f'{portable_path(p.images)} (split {p.jsons.name})'
     p = Path(p).expanduser().resolve()
     bases = [('$VQFLOW_DATA', os.environ.get('VQFLOW_DATA'))]
     try: bases.append(('<project>', project_root()))
@@ -175,14 +193,17 @@ def per_kind_table(per:dict, # `collect_scores` output of the test set
                                cat('masks') if pixel else None, cat('maps') if pixel else None,
                                classes=np.concatenate([np.full((cls == c).sum(), c) for c in c_order]))
 
-# %% ../nbs/30_replicate.ipynb #18b4535b
+# %% ../nbs/30_replicate.ipynb #3848c4b4
 # the class lists of the published benchmarks: a run is *faithful* only on the whole published data set
-PUBLISHED_CLASSES = dict(
-    mvtec_ad=sorted(['bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather', 'metal_nut', 'pill', 'screw',
-                     'tile', 'toothbrush', 'transistor', 'wood', 'zipper']),
-    visa=sorted(['candle', 'capsules', 'cashew', 'chewinggum', 'fryum', 'macaroni1', 'macaroni2', 'pcb1', 'pcb2', 'pcb3',
-                 'pcb4', 'pipe_fryum']))
+from .data import (MVTEC_CLASSES, VISA_CLASSES, BTAD_CLASSES, MPDD_CLASSES, MVTEC3D_CLASSES, MVTEC_AD2_CLASSES,
+                            REALIAD_CLASSES)
+PUBLISHED_CLASSES = dict(mvtec_ad=sorted(MVTEC_CLASSES), visa=sorted(VISA_CLASSES), btad=sorted(BTAD_CLASSES),
+                         mpdd=sorted(MPDD_CLASSES), mvtec_3d=sorted(MVTEC3D_CLASSES), mvtec_ad2=sorted(MVTEC_AD2_CLASSES),
+                         realiad=sorted(REALIAD_CLASSES))
+# HGAD's union (`main.py`, `datasets/union.py`): MVTec AD + BTAD + MVTec 3D-AD + VisA, 40 classes, parts named as here
+PUBLISHED_CLASSES['union'] = sorted(f'{d}/{c}' for d in ('mvtec_ad', 'btad', 'mvtec_3d', 'visa') for c in PUBLISHED_CLASSES[d])
 
+# %% ../nbs/30_replicate.ipynb #18b4535b
 def train_classes(root, classes=None) -> list:
     "The class names a run on `root` trains on (the training split's classes)."
     from vqflow_nb.data import scan_dataset
@@ -224,6 +245,48 @@ def _write_run(run:dict, a:dict) -> dict:
     pd.DataFrame(res.history).to_csv(out_dir/'history.csv', index=False)
     record(out_dir, 'metrics', metrics)
     return metrics
+
+# %% ../nbs/30_replicate.ipynb #5fd857cb
+_FORMAT_DATASET = dict(btad='btad', mvtec3d='mvtec_3d', mvtec_ad2='mvtec_ad2', realiad='realiad', visa_csv='visa', union='union')
+
+def dataset_name(data_root, # what the notebook was pointed at (as `resolve_data` takes it)
+                 family:str, # the notebook's family, the answer when nothing is recognised (e.g. 'mvtec_ad')
+                ) -> str:
+    "The published data set `data_root` holds: by its layout (BTAD, MVTec 3D-AD, Real-IAD, ...) or by its class names (MPDD)."
+    from vqflow_nb.data import detect_format
+    if data_root is None: return family
+    root = resolve_data(family, data_root)
+    if (fmt := detect_format(root)) in _FORMAT_DATASET: return _FORMAT_DATASET[fmt]
+    found = set(train_classes(root))
+    return next((d for d, cls in PUBLISHED_CLASSES.items() if d != 'union' and found <= set(cls)), family)
+
+def per_dataset(table:pd.DataFrame, # per-class metric table of a union run (index `<part>/<class>`, and 'mean')
+               ) -> pd.DataFrame:
+    "The class means of each part of a union run, and the mean over all its classes (HGAD's union figure)."
+    t = table.drop(index='mean', errors='ignore')
+    out = t.groupby(t.index.str.split('/').str[0], sort=False).mean()
+    return pd.concat([out, t.mean().to_frame('all classes').T])
+
+# %% ../nbs/30_replicate.ipynb #1076f9bd
+def compare_published(ours:pd.DataFrame, # our per-class table (classes and 'mean' as index, metrics as columns)
+                      dataset:str, # the data set's name in results/reported.csv (see below for a union)
+                      metrics=('i_auroc', 'p_auroc'), # the metrics to compare
+                      reported:pd.DataFrame|None=None, # one row per (method, dataset, cls, metric): value; None = reported.csv
+                      methods=('vqflow', 'hgad', 'hvqtrans'), # whose numbers; None = every method reported on the data set
+                     ) -> pd.DataFrame:
+    "Ours beside every method's published per-class number, with Δ = ours − published (×100, NaN where none is published)."
+    rep = _pick_reported(load_reported()) if reported is None else reported
+    def keys(c):   # a union class: the published union number (HGAD's union), else its own data set's
+        return [(dataset, c)] + ([tuple(c.split('/', 1))] if dataset == 'union' and '/' in c else [])
+    cols = {}
+    for m in metrics:
+        cols[(m, 'ours')] = 100 * ours[m]
+        r = rep[rep['metric'] == m].set_index(['method', 'dataset', 'cls'])['value']
+        look = lambda meth, c: next((100 * r[(meth, *k)] for k in keys(c) if (meth, *k) in r.index), np.nan)
+        for meth in methods or sorted(rep.loc[rep['dataset'].isin({k[0] for c in ours.index for k in keys(c)}), 'method'].unique()):
+            pub = pd.Series([look(meth, c) for c in ours.index], index=ours.index)
+            if pub.notna().any(): cols[(m, meth)], cols[(m, f'Δ {meth}')] = pub, cols[(m, 'ours')] - pub
+    return pd.DataFrame(cols).round(1)
 
 # %% ../nbs/30_replicate.ipynb #5c89cc34
 def run_experiment(dataset:str='synthetic', # dataset family: 'synthetic', 'mvtec_ad', 'visa', or any name

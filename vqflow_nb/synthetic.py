@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 
 # %% auto #0
 __all__ = ['SYNTH_CLASSES', 'SYNTH_OBJECTS', 'SYNTH_DEFECTS', 'BENCH_OBJECTS', 'BENCH_CLASSES', 'BENCH_DEFECTS',
-           'DEFECT_DIFFICULTY', 'LAYOUTS', 'SYNTH_PRESETS', 'defect_kinds', 'synth_image', 'make_synthetic']
+           'DEFECT_DIFFICULTY', 'LAYOUTS', 'SYNTH_PRESETS', 'FIXTURE_LAYOUTS', 'defect_kinds', 'synth_image',
+           'make_synthetic', 'write_fixture']
 
 # %% ../nbs/01a_synthetic.ipynb #f95bc842
 SYNTH_CLASSES = ("stripes", "wood", "leather", "bottle", "bar")  # 3 textures + 2 objects, as MVTec mixes both
@@ -419,3 +420,93 @@ def make_synthetic(root:str|Path, # folder to write into (created)
             files.append("split_csv/1cls.csv")
         man.write_text(json.dumps(dict(params, files=files), indent=1))
         return root
+
+# %% ../nbs/01a_synthetic.ipynb #31b253fc
+FIXTURE_LAYOUTS = dict(btad=("01", "02", "03"), mpdd=("bracket_black", "connector"), mvtec3d=("bagel", "cable_gland"),
+                       mvtec_ad2=("can", "fabric"), realiad=("audiojack", "pcb"))  # default class names per layout
+_REALIAD_CODES = ("AK", "BX", "CH", "HS", "PS", "QS", "YW", "ZW")  # Real-IAD's defect codes (pit, deformation, abrasion, ...)
+
+def _fixture_image(c:str, k:int, key:list, size:int, bad:bool) -> tuple[np.ndarray, np.ndarray, str]:
+    "(image, mask, defect kind) of image `key` of the `k`-th class `c`: a synthetic look cycling through `SYNTH_CLASSES`."
+    look = SYNTH_CLASSES[k % len(SYNTH_CLASSES)]
+    kind = SYNTH_DEFECTS[look][key[-1] % len(SYNTH_DEFECTS[look])] if bad else None
+    img, m = synth_image(look, np.random.default_rng(key), size, kind)
+    return img, m, kind
+
+# %% ../nbs/01a_synthetic.ipynb #1af8e613
+def _tree_paths(layout:str, c:str, role:str, i:int, kind:str|None) -> tuple[str, str|None]:
+    "The image path and mask path (None for normal images) of one fixture image in a folder layout."
+    if layout == "btad":
+        ext, mext = (".png" if c == "02" else ".bmp"), (".bmp" if c == "03" else ".png")
+        sub = {"train": "train/ok", "test_good": "test/ok", "test_bad": "test/ko"}[role]
+        return f"{c}/{sub}/{i:04d}{ext}", (f"{c}/ground_truth/ko/{i:04d}{mext}" if kind else None)
+    if layout == "mpdd":
+        sub = {"train": "train/good", "test_good": "test/good", "test_bad": f"test/{kind}"}[role]
+        return f"{c}/{sub}/{i:03d}.png", (f"{c}/ground_truth/{kind}/{i:03d}_mask.png" if kind else None)
+    if layout == "mvtec3d":
+        sub = {"train": "train/good", "val": "validation/good", "test_good": "test/good", "test_bad": f"test/{kind}"}[role]
+        return f"{c}/{sub}/rgb/{i:03d}.png", (f"{c}/{sub}/gt/{i:03d}.png" if role.startswith("test") else None)
+    if layout == "mvtec_ad2":
+        sub = {"train": "train/good", "val": "validation/good", "test_good": "test_public/good", "test_bad": "test_public/bad",
+               "private": "test_private", "private_mixed": "test_private_mixed"}[role]
+        return f"{c}/{sub}/{i:03d}_regular.png", (f"{c}/test_public/ground_truth/bad/{i:03d}_regular_mask.png" if kind else None)
+    raise ValueError(f"unknown fixture layout {layout!r}; expected one of {list(FIXTURE_LAYOUTS)}")
+
+# %% ../nbs/01a_synthetic.ipynb #b27ba114
+def _write_tree(root:Path, layout:str, classes, n_train, n_test_good, n_test_bad, size, seed):
+    "Write a folder-layout fixture (extra roles: MVTec 3D-AD's validation and xyz, MVTec AD 2's validation and private sets)."
+    extra = dict(mvtec3d=dict(val=2), mvtec_ad2=dict(val=2, private=3, private_mixed=2)).get(layout, {})
+    for k, c in enumerate(classes):
+        roles = dict(train=n_train, test_good=n_test_good, test_bad=n_test_bad, **extra)
+        for r, (role, n) in enumerate(roles.items()):
+            for i in range(n):
+                bad = role == "test_bad" or (role.startswith("private") and i % 2 == 0)  # the private sets: unlabeled mixtures
+                img, m, kind = _fixture_image(c, k, [seed, k, r, i], size, bad)
+                name, msk = _tree_paths(layout, c, role, i, kind if role == "test_bad" else None)
+                _save(img, root / name)
+                if msk: _save((m * 255).astype(np.uint8), root / msk)
+                if layout == "mvtec3d":  # a stand-in point cloud beside every RGB image (the reader must leave it alone)
+                    xyz = root / name.replace("/rgb/", "/xyz/").replace(".png", ".tiff"); xyz.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(np.zeros((4, 4), np.float32)).save(xyz)
+
+# %% ../nbs/01a_synthetic.ipynb #ea1eab5e
+def _write_realiad(root:Path, classes, n_train, n_test_good, n_test_bad, size, seed, views=5):
+    "Write Real-IAD's image tree (one sample = `views` camera views) and its multi-view and single-view split JSONs."
+    for k, c in enumerate(classes):
+        splits = dict(mv=dict(train=[], test=[]), sv=dict(train=[], test=[]))
+        samples = [("train", False)] * n_train + [("test", False)] * n_test_good + [("test", True)] * n_test_bad
+        for s, (split, bad) in enumerate(samples, 1):
+            code = _REALIAD_CODES[s % len(_REALIAD_CODES)] if bad else "OK"
+            folder = f"NG/{code}/S{s:04d}" if bad else f"OK/S{s:04d}"
+            for v in range(1, views + 1):
+                shows = bad and v <= 3  # views 4 and 5 of a defective sample do not show its defect
+                img, m, _ = _fixture_image(c, k, [seed, k, s, v], size, shows)
+                name = f"{folder}/{c}_{s:04d}_{'NG' if bad else 'OK'}_C{v}_2024010{v}120000.jpg"
+                _save(img, root / "realiad_256" / c / name, jpg=True)
+                e = dict(category=c, anomaly_class=code if shows else "OK", image_path=name, mask_path=None)
+                if shows:
+                    e["mask_path"] = name[:-4] + "_mask.png"; _save((m * 255).astype(np.uint8), root / "realiad_256" / c / e["mask_path"])
+                splits["mv"][split].append(e)
+                if v == 1: splits["sv"][split].append(e)
+        for p, sub in (("mv", "realiad_jsons"), ("sv", "realiad_jsons_sv")):
+            f = root / "realiad_jsons" / sub / f"{c}.json"; f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(dict(meta=dict(prefix="", normal_class="OK"), **splits[p]), indent=1))
+
+# %% ../nbs/01a_synthetic.ipynb #d78ca575
+def write_fixture(root:str|Path, # folder to write into (created; must be empty or absent)
+                  layout:str, # one of `FIXTURE_LAYOUTS`: "btad", "mpdd", "mvtec3d", "mvtec_ad2", "realiad"
+                  classes:tuple|None=None, # class names; None = `FIXTURE_LAYOUTS[layout]`
+                  n_train:int=3, # normal training images (Real-IAD: samples of 5 views) per class
+                  n_test_good:int=2, # normal test images (samples) per class
+                  n_test_bad:int=2, # defective test images (samples) per class
+                  size:int=48, # image side in pixels
+                  seed:int=0, # fixes every pixel
+                 ) -> Path:
+    "Write a tiny seeded synthetic dataset in the on-disk layout of a public benchmark (to test its reader); return `root`."
+    root = Path(root)
+    if layout not in FIXTURE_LAYOUTS: raise ValueError(f"unknown fixture layout {layout!r}; expected one of {list(FIXTURE_LAYOUTS)}")
+    if root.exists() and any(root.iterdir()): raise ValueError(f"{root} is not empty: write a fixture into a new folder")
+    classes = tuple(FIXTURE_LAYOUTS[layout] if classes is None else classes)
+    if layout == "realiad": _write_realiad(root, classes, n_train, n_test_good, n_test_bad, size, seed)
+    else: _write_tree(root, layout, classes, n_train, n_test_good, n_test_bad, size, seed)
+    return root
