@@ -20,7 +20,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ['source', 'source_detail', 'paper', 'method', 'dataset', 'cls', 'metric', 'value', 'setting', 'notes']
 SOURCES = {'paper', 'authors_readme', 'ADer', 'CostFilter-AD', 'benchmark_listing'}
-METHODS = {'vqflow', 'hgad', 'hvqtrans', 'uniad', 'cflow', 'patchcore', 'rd4ad', 'diad', 'mambaad', 'invad', 'pyramidflow'}
+METHODS = {'vqflow', 'hgad', 'hvqtrans', 'uniad', 'cflow', 'patchcore', 'rd4ad', 'diad', 'mambaad', 'invad', 'pyramidflow', 'inpformer', 'dinomaly'}
 METRICS = {'i_auroc', 'i_ap', 'i_f1max', 'p_auroc', 'p_ap', 'p_f1max', 'aupro', 'iou_max', 'mad'}
 CLASSES = {
     'mvtec_ad': {'bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather', 'metal_nut', 'pill', 'screw',
@@ -30,9 +30,10 @@ CLASSES = {
     'btad': {'01', '02', '03'},
     'mvtec_3d': {'bagel', 'cable_gland', 'carrot', 'cookie', 'dowel', 'foam', 'peach', 'potato', 'rope', 'tire'},
     'mpdd': {'bracket_black', 'bracket_brown', 'bracket_white', 'connector', 'metal_plate', 'tubes'},
-    'union': set(),  # union of the four above; only `mean` rows so far
+    'realiad': set(),  # only `mean` rows so far
 }
-CLASSES['union'] = CLASSES['mvtec_ad'] | CLASSES['btad'] | CLASSES['mvtec_3d'] | CLASSES['visa']
+# HGAD's union of four datasets; classes are named `<dataset>/<class>` so that names stay unique (our Union reader)
+CLASSES['union'] = {f'{d}/{c}' for d in ('mvtec_ad', 'btad', 'mvtec_3d', 'visa') for c in CLASSES[d]}
 KEY = ['source', 'source_detail', 'method', 'dataset', 'cls', 'metric', 'setting']
 HEADLINE7 = ['i_auroc', 'i_ap', 'i_f1max', 'p_auroc', 'p_ap', 'p_f1max', 'aupro']
 
