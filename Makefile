@@ -22,6 +22,7 @@ install: $(STAMP)
 
 replicate: $(STAMP)
 	$(BIN)/vqflow-replicate --config replicate/synthetic.yaml --verify
+	$(BIN)/vqflow-compare --dataset synthetic --config replicate/synthetic.yaml
 
 test: $(STAMP)
 	$(BIN)/python tools/run_tests.py
