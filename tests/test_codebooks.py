@@ -96,3 +96,29 @@ def test_mixture_matches_mixture_same_family(pi):
     mix = MixtureSameFamily(Categorical(w), Independent(Normal(mu, s), 1))
     ours = mixture_log_prob(prior, [z], protos, None if pi is None else w)
     assert (ours - mix.log_prob(z[:, :, 0, 0])).abs().max() < 1e-14
+
+
+def test_kmeans_matches_sklearn_and_init_codes_default_is_seeding():
+    "`kmeans` reaches scikit-learn's inertia on separated blobs; `init_codes` without iterations keeps the k-means++ seeds."
+    from sklearn.cluster import KMeans
+    from vqflow_nb.codebooks import kmeans, _kmeanspp
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3) * 8)[torch.randint(4, (400,))].double() + torch.randn(400, 3, dtype=torch.float64)
+    c, a = kmeans(x, 4, 30, torch.Generator().manual_seed(1))
+    sk = KMeans(4, n_init=10, random_state=0).fit(x.numpy())
+    assert abs(((x - c[a]) ** 2).sum().item() - sk.inertia_) < 1e-6 * sk.inertia_
+    vq = EMACodebook(4, 3).double().init_codes(x, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(vq.codes, _kmeanspp(x, 4, torch.Generator().manual_seed(2)))
+    assert torch.equal(vq.cluster_size, torch.ones(4, dtype=torch.float64))
+
+
+def test_unquantised_hierarchy_has_no_codebooks():
+    "quantise=False (`--quantize-enable` omitted): no EMA codebook anywhere, p = s, commitment 0, same condition widths."
+    torch.manual_seed(0)
+    kw = dict(proto_dim=8, num_cpc=4, pe_dim=4, num_cspc=8)
+    feats = [torch.randn(2, 6, 8, 8), torch.randn(2, 10, 4, 4), torch.randn(2, 12, 2, 2)]
+    q, n = HierarchicalCodebooks([6, 10, 12], **kw), HierarchicalCodebooks([6, 10, 12], quantise=False, **kw)
+    oq, on = q(feats), n(feats)
+    assert not any(isinstance(m, EMACodebook) for m in n.modules()) and n.codebooks() == []
+    assert [c.shape for c in oq['conds']] == [c.shape for c in on['conds']]
+    assert torch.equal(on['proto'], on['s']) and on['commit'] == 0

@@ -17,7 +17,7 @@ from .core import exists, default, codebook_perplexity
 from .flows import positional_encoding_2d
 
 # %% auto #0
-__all__ = ['EMACodebook', 'CPC', 'contingency', 'purity', 'SemanticEncoder', 'CSPC', 'HierarchicalCodebooks']
+__all__ = ['EMACodebook', 'kmeans', 'CPC', 'contingency', 'purity', 'SemanticEncoder', 'CSPC', 'HierarchicalCodebooks']
 
 # %% ../nbs/05_codebooks.ipynb #45c260af
 class EMACodebook(nn.Module):
@@ -96,16 +96,33 @@ def _kmeanspp(x:Tensor, k:int, generator:torch.Generator|None=None) -> Tensor:
         idx.append(i); d2 = torch.minimum(d2, (x - x[i]).pow(2).sum(1))
     return x[idx].clone()
 
+# %% ../nbs/05_codebooks.ipynb #436154b2
+@torch.no_grad()
+def kmeans(x:Tensor, # points (N, d)
+           k:int, # number of centres
+           iters:int=20, # Lloyd iterations after the k-means++ seeding (0: the seeds themselves)
+           generator:torch.Generator|None=None, # for reproducible seeding
+          ) -> tuple[Tensor, Tensor]:
+    "k-means++ seeds refined by `iters` Lloyd steps: (centres (k, d), assignment (N,)); an empty cluster keeps its centre."
+    c = _kmeanspp(x, k, generator)
+    for _ in range(iters):
+        a = torch.cdist(x, c).argmin(1)
+        n = torch.bincount(a, minlength=k).to(x.dtype)
+        s = torch.zeros_like(c).index_add_(0, a, x)
+        c = torch.where(n[:, None] > 0, s / n.clamp_min(1)[:, None], c)
+    return c, torch.cdist(x, c).argmin(1)
+
 # %% ../nbs/05_codebooks.ipynb #a2823b92
 @patch
 @torch.no_grad()
 def init_codes(self:EMACodebook, x:Tensor, # sample of inputs (..., dim), at least num_codes rows
                generator:torch.Generator|None=None, # for reproducible seeding
+               iters:int=0, # Lloyd iterations after the k-means++ seeding (0: the seeds themselves)
               ) -> EMACodebook:
-    "Seed the codes with k-means++ on `x`, each counted as one assigned vector (not in the authors' code)."
+    "Seed the codes with k-means++ on `x` (and `iters` Lloyd steps), each counted as one assigned vector (not in the authors' code)."
     flat = x.reshape(-1, self.dim).to(self.embed)
     if len(flat) < self.num_codes: raise ValueError(f"init_codes: need >= num_codes={self.num_codes} vectors, got {len(flat)}")
-    c = _kmeanspp(flat, self.num_codes, generator)
+    c = kmeans(flat, self.num_codes, iters, generator)[0]
     # cluster_size = 1 makes embed_avg / N = the seed; the constructor's (embed_avg = codes, N = 0) would throw
     # every code far out on the first EMA step (see "first-batch blow-up" below)
     self.embed.copy_(c.t()); self.embed_avg.copy_(c.t()); self.cluster_size.fill_(1.)
@@ -177,22 +194,45 @@ class CPC(nn.Module):
                  decay:float=0.99, # EMA decay [code: Quantize default]
                  eps:float=1e-5, # Laplace smoothing [code: Quantize default]
                  thresh:float=1e-4, # dead-code threshold [code: `Quantize(dim_cpc, k_cpc, thresh=1e-4)`]
+                 quantise:bool=True, # False: p = s, no codebook [code: `--quantize-enable` omitted, `model_forward`]
+                 init:str='randn', # 'randn' [code: `Quantize.__init__`] or 'kmeans' (ours: codes from the first concept vectors)
+                 init_vectors:int|None=None, # 'kmeans': concept vectors collected before the codes are set (None: 4 x num_codes)
                 ):
         super().__init__()
-        self.in_channels, self.dim = in_channels, dim
+        if init not in ('randn', 'kmeans'): raise ValueError(f"CPC: init={init!r}, expected 'randn' or 'kmeans'")
+        self.in_channels, self.dim, self.quantise, self.init = in_channels, dim, quantise, init
         self.semantic_mlp = nn.Sequential(
             nn.Linear(in_channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True))
-        self.codebook = EMACodebook(num_codes, dim, decay=decay, eps=eps, thresh=thresh)
+        self.codebook = EMACodebook(num_codes, dim, decay=decay, eps=eps, thresh=thresh) if quantise else None
+        if quantise and init == 'kmeans':   # only then: the default's state dict keeps the authors' keys
+            self.init_vectors = default(init_vectors, 4 * num_codes)
+            if self.init_vectors < num_codes: raise ValueError(f"CPC: init_vectors={self.init_vectors} < num_codes={num_codes}")
+            self.register_buffer('initialised', torch.tensor(False)); self._pending = []
 
     def forward(self, top_map:Tensor, # deepest backbone map (B, in_channels, h, w)
                ) -> dict:
-        "Prototype of each image: dict(proto (B,dim), s (B,dim), index (B,), commit scalar)."
+        "Prototype of each image: dict(proto (B,dim), s (B,dim), index (B,) or None, commit scalar)."
         if top_map.ndim != 4 or top_map.shape[1] != self.in_channels:
             raise ValueError(f"CPC.forward: top_map must be (B, {self.in_channels}, h, w), got {tuple(top_map.shape)}")
         s = self.semantic_mlp(top_map.mean((2, 3)))
+        if not self.quantise or (self.init == 'kmeans' and self.training and not self._kmeans_ready(s)):
+            return dict(proto=s, s=s, index=None, commit=s.new_zeros(()))
         proto, index, commit = self.codebook(s)
         return dict(proto=proto, s=s, index=index, commit=commit)
+
+# %% ../nbs/05_codebooks.ipynb #d57ae0e2
+@patch
+@torch.no_grad()
+def _kmeans_ready(self:CPC, s:Tensor) -> bool:
+    "'kmeans' init: collect concept vectors until `init_vectors` are in, then set the codes by k-means on them."
+    if bool(self.initialised): return True
+    self._pending.append(s.detach())
+    x = torch.cat(self._pending)
+    if len(x) < self.init_vectors: return False
+    self.codebook.init_codes(x, iters=20)        # global torch RNG: seeded by the trainer
+    self.initialised.fill_(True); self._pending = []
+    return True
 
 # %% ../nbs/05_codebooks.ipynb #5a9e139b
 def contingency(labels:Tensor, # true class per item (N,)
@@ -228,6 +268,7 @@ class CSPC(nn.Module):
                  quantize:str='residual', # 'residual' (README commands) or 'naive' (code: --quantize-type)
                  decay:float=0.99, eps:float=1e-5, # EMA settings (code: `Quantize` defaults)
                  thresh:float=1e-6, # dead-code threshold (code: `train.py:train` builds `Quantize(dim_cspc, k_cspc, thresh=1e-6)`)
+                 quantise:bool=True, # False: the pattern is the unquantised input of the codebook, no codebook (`--quantize-enable` omitted)
                 ):
         super().__init__()
         if quantize not in ('residual', 'naive'): raise ValueError(f"CSPC: quantize={quantize!r}, expected 'residual' or 'naive'")
@@ -239,7 +280,7 @@ class CSPC(nn.Module):
             nn.Conv2d(width, width, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         # [code] upsamplers[l] = Upsample(bilinear, align_corners=False) then a 1x1 conv; the upsampling is done in `_local`
         self.upsampler = nn.Conv2d(sem_channels, width, 1) if exists(sem_channels) else None
-        self.codebook = EMACodebook(num_codes, self.code_dim, decay=decay, eps=eps, thresh=thresh)
+        self.codebook = EMACodebook(num_codes, self.code_dim, decay=decay, eps=eps, thresh=thresh) if quantise else None
 
 @patch(as_prop=True)
 def cond_channels(self:CSPC) -> int: return self.code_dim + self.proto_dim
@@ -282,6 +323,9 @@ def forward(self:CSPC,
     h = self._local(feat, sem)
     pe = repeat(positional_encoding_2d(self.pe_dim, H, W).to(h), 'c h w -> b c h w', b=B)
     p = repeat(proto, 'b c -> b c h w', h=H, w=W)
+    if self.codebook is None:   # residual: anchor + (h - anchor) = h; naive: the [h, PE] the codebook would quantise
+        pattern = h if self.quantize == 'residual' else torch.cat([h, pe], 1)
+        return dict(cond=torch.cat([pattern, p], 1), index=None, commit=h.new_zeros(()), pattern=pattern)
     if self.quantize == 'residual':
         anchor = torch.cat([pe, p], 1)
         qr, index, commit = self.codebook(rearrange(h - anchor, 'b c h w -> b h w c'))
@@ -299,22 +343,25 @@ class HierarchicalCodebooks(nn.Module):
                  proto_dim:int=512, num_cpc:int=32, # CPC size (code: `main.py:parsing_args` --dim-cpc 512, --k-cpc 32)
                  pe_dim:int=64, num_cspc:int=512, # CSPC size (code: --c-pos-conds 64, --k-cspc 512)
                  quantize:str='residual', # README commands: `--quantize-type residual --concat-pos`
+                 quantise:bool=True, # False: no CPC/CSPC codebooks, p = s and patterns unquantised (`--quantize-enable` omitted)
+                 cpc_init:str='randn', cpc_init_vectors:int|None=None, # CPC code initialisation (see `CPC`)
                 ):
         super().__init__()
         if len(channels) < 2: raise ValueError(f"HierarchicalCodebooks: channels={channels} needs >= 2 stages (flow scales + top)")
         self.channels = list(channels)
-        self.cpc = CPC(channels[-1], proto_dim, num_cpc, hidden=proto_dim)
+        self.cpc = CPC(channels[-1], proto_dim, num_cpc, hidden=proto_dim, quantise=quantise, init=cpc_init,
+                       init_vectors=cpc_init_vectors)
         width = proto_dim + pe_dim if quantize == 'residual' else proto_dim
         self.semantic_encoder = SemanticEncoder(channels[-1], width)
-        self.cspcs = nn.ModuleList([CSPC(c, width, proto_dim, pe_dim, num_cspc, quantize) for c in channels[:-1]])
-        self.top_cspc = CSPC(channels[-1], None, proto_dim, pe_dim, num_cspc, quantize)
+        self.cspcs = nn.ModuleList([CSPC(c, width, proto_dim, pe_dim, num_cspc, quantize, quantise=quantise) for c in channels[:-1]])
+        self.top_cspc = CSPC(channels[-1], None, proto_dim, pe_dim, num_cspc, quantize, quantise=quantise)
 
     @property
     def cond_channels(self) -> int: return self.top_cspc.cond_channels
 
     def codebooks(self) -> list[EMACodebook]:
-        "All EMA codebooks: CPC first, then the scale CSPCs, then the fusion CSPC (the authors' order)."
-        return [self.cpc.codebook, *[c.codebook for c in self.cspcs], self.top_cspc.codebook]
+        "All EMA codebooks: CPC first, then the scale CSPCs, then the fusion CSPC (the authors' order); [] without quantisation."
+        return [b for b in [self.cpc.codebook, *[c.codebook for c in self.cspcs], self.top_cspc.codebook] if b is not None]
 
 # %% ../nbs/05_codebooks.ipynb #a0df20ce
 @patch

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 import pandas as pd
 from .core import exists, default
-from .flows import vqflow_flows, count_params
+from .flows import vqflow_flows, count_params, positional_encoding_2d, FusionCoupling
+from .core import codebook_perplexity
 from .codebooks import HierarchicalCodebooks
 from .prior import MixedGaussianPrior
 from .train import Schedule, Scores
 
 # %% auto #0
-__all__ = ['VQFlowConfig', 'VQFlow', 'flow_nll', 'vqflow_maps', 'shape_table']
+__all__ = ['ABLATIONS', 'VQFlowConfig', 'VQFlow', 'flow_nll', 'vqflow_maps', 'shape_table']
 
 # %% ../nbs/10_vqflow.ipynb #e41903aa
 @dataclass
@@ -40,6 +41,12 @@ class VQFlowConfig:
     variant:str = 'code' # 'code': prior without its log-det (released `model_forward`); 'paper': with it (proper NLL)
     commit_weight:float = 1.0 # weight of the summed commitment losses (code: --quantize-weight)
     reassign:bool = False # dead-code re-assignment after each epoch (code: --reassign-quantize, off in the README)
+    # ablation switches (see "Ablation switches" below); the defaults are the README command's behaviour
+    condition:str = 'vq' # 'vq': [pattern, p] (--quantize-enable); 'concept': [h, s] unquantised (flag omitted); 'pe': PE only (MSFlow)
+    cpc_init:str = 'randn' # CPC codes: 'randn' with EMA statistics at zero (code: `models/quantize.py:Quantize.__init__`) or 'kmeans' (ours)
+    cpc_init_vectors:int|None = None # 'kmeans': concept vectors collected before the codes are set (None: 4 x k_cpc)
+    reassign_noise:float = 0. # relative noise on re-assigned copies (code: 0, exact copies in `Quantize.reAssign`)
+    reassign_sync:bool = False # also copy the EMA statistics of re-assigned codes (code: False, only `embed` is overwritten)
     top_k:float = 0.03 # image score = mean of the top 3 % of the 'mul' map (code: `default.py` top_k, `post_process.py`)
     seed:int|None = None # permutation seeds of the flows (None: numpy's global RNG, like FrEIA)
     checkpoint:bool = False # ours, not the authors': recompute flow-block activations in backward (less memory, ~1/3 more time)
@@ -58,8 +65,8 @@ class VQFlowConfig:
 # %% ../nbs/10_vqflow.ipynb #312569a0
 @patch(as_prop=True)
 def cond_channels(self:VQFlowConfig) -> int:
-    "Flow condition width: pattern (proto_dim + pe_dim) concatenated with the prototype (1,088 for the authors)."
-    return 2 * self.proto_dim + self.pe_dim
+    "Flow condition width: pattern (proto_dim + pe_dim) concatenated with the prototype (1,088 for the authors); PE only for 'pe'."
+    return self.pe_dim if self.condition == 'pe' else 2 * self.proto_dim + self.pe_dim
 
 @patch(cls_method=True)
 def for_channels(cls:VQFlowConfig, stage_channels, # channels of the 4 backbone stages (e.g. `FeatureExtractor.channels`)
@@ -82,13 +89,20 @@ class VQFlow(nn.Module):
         super().__init__()
         self.cfg = cfg = default(cfg, VQFlowConfig)
         if cfg.variant not in ('code', 'paper'): raise ValueError(f"variant={cfg.variant!r}: expected 'code' or 'paper'")
+        if cfg.condition not in ('vq', 'concept', 'pe'): raise ValueError(f"condition={cfg.condition!r}: expected 'vq', 'concept' or 'pe'")
+        if cfg.condition == 'pe' and cfg.mixed_gaussian:
+            raise ValueError("condition='pe' has no concept vector for the mixed-Gaussian prior: pass mixed_gaussian=False")
         self.pool = nn.AvgPool2d(3, stride=2, padding=1) if cfg.pool else nn.Identity()
-        # CPC, the shared semantic encoder, three scale CSPCs and the fusion CSPC (05_codebooks)
-        self.codebooks = HierarchicalCodebooks([*cfg.channels, cfg.top_channels], proto_dim=cfg.proto_dim,
-                                               num_cpc=cfg.k_cpc, pe_dim=cfg.pe_dim, num_cspc=cfg.k_cspc,
-                                               quantize=cfg.quantize)
+        # CPC, the shared semantic encoder, three scale CSPCs and the fusion CSPC (05_codebooks); none for the MSFlow baseline
+        self.codebooks = None if cfg.condition == 'pe' else HierarchicalCodebooks(
+            [*cfg.channels, cfg.top_channels], proto_dim=cfg.proto_dim, num_cpc=cfg.k_cpc, pe_dim=cfg.pe_dim,
+            num_cspc=cfg.k_cspc, quantize=cfg.quantize, quantise=cfg.condition == 'vq', cpc_init=cfg.cpc_init,
+            cpc_init_vectors=cfg.cpc_init_vectors)
         self.flows, self.fusion = vqflow_flows(cfg.channels, cfg.cond_channels, cfg.depths, cfg.clamp, seed=cfg.seed)
+        if cfg.condition == 'pe':   # MSFlow's fusion flow has no condition (msflow `train.py:model_forward`)
+            self.fusion = FusionCoupling(cfg.channels, 0, clamp=cfg.clamp, seed=None if cfg.seed is None else cfg.seed + 1000)
         for f in self.flows: f.checkpoint = cfg.checkpoint
+        self.usage_log = []   # one row of codebook usage per training epoch (`on_epoch_end`)
         self.prior = MixedGaussianPrior(cfg.proto_dim, list(cfg.channels), variant=cfg.variant) if cfg.mixed_gaussian else None
 
 # %% ../nbs/10_vqflow.ipynb #43b9e824
@@ -98,7 +112,16 @@ def conditions(self:VQFlow, feats:list, # backbone maps [stage1, stage2, stage3,
     "Pooled flow inputs x_1..x_3 and the codebooks' output (conditions, prototype, concept vector s, codes, commitment)."
     if len(feats) != 4: raise ValueError(f'VQFlow expects 4 feature maps, got {len(feats)}')
     xs, top = [self.pool(f) for f in feats[:3]], feats[3]
+    if self.codebooks is None: return xs, self._pe_conditions(xs)
     return xs, self.codebooks([*xs, top])
+
+# %% ../nbs/10_vqflow.ipynb #027cfc12
+@patch
+def _pe_conditions(self:VQFlow, xs:list) -> dict:
+    "MSFlow's conditions: the 2-D positional encoding of each scale, an unconditional fusion, nothing to quantise."
+    pe = lambda x: positional_encoding_2d(self.cfg.pe_dim, *x.shape[-2:]).to(x).expand(x.shape[0], -1, -1, -1)
+    return dict(conds=[pe(x) for x in xs], fusion_cond=None, proto=None, s=None, proto_index=None, indices=[],
+                commit=xs[0].new_zeros(()))
 
 # %% ../nbs/10_vqflow.ipynb #3260e67a
 @patch
@@ -126,11 +149,34 @@ def flow_nll(zs:list, # latents per scale (B,C,H,W)
 # %% ../nbs/10_vqflow.ipynb #04f42daa
 @patch
 def loss(self:VQFlow, feats:list, batch:dict|None=None) -> dict:
-    "Training loss: batch-mean NLL plus commit_weight x commitment; parts for logging."
+    "Training loss: batch-mean NLL plus commit_weight x commitment; parts for logging (with the CPC's batch perplexity)."
     out = self(feats)
     nll = flow_nll(out['zs'], out['log_det']).mean()
     loss = nll + self.cfg.commit_weight * out['commit']
-    return dict(loss=loss, nll=nll.detach(), commit=out['commit'].detach())
+    parts = dict(loss=loss, nll=nll.detach(), commit=out['commit'].detach())
+    if self.cfg.condition == 'vq':   # effective number of prototypes in this batch (1 = collapsed, at most B)
+        idx = out['proto_index']      # None while a 'kmeans' CPC still collects vectors: logged as NaN
+        parts['cpc_batch_ppl'] = float('nan') if idx is None else codebook_perplexity(torch.bincount(idx.flatten(), minlength=self.cfg.k_cpc))
+    return parts
+
+# %% ../nbs/10_vqflow.ipynb #c504d528
+ABLATIONS = dict(   # name -> VQFlowConfig fields changed from the released defaults
+    plain=dict(condition='pe', mixed_gaussian=False),             # MSFlow-style unified flow
+    concept=dict(condition='concept', mixed_gaussian=False),      # released code, --quantize-enable omitted (completed)
+    vq=dict(mixed_gaussian=False),                                # + CPC/CSPC
+    released={},                                                  # + mixed-Gaussian prior: the README command
+    paper=dict(variant='paper'),                                  # prior with its log-determinant
+    kmeans=dict(cpc_init='kmeans'),                               # CPC codes from k-means of the first concept vectors
+    reassign=dict(reassign=True),                                 # --reassign-quantize as released
+    reassign_sync=dict(reassign=True, reassign_noise=0.1, reassign_sync=True),   # re-assignment whose copies survive
+)
+
+@patch(cls_method=True)
+def ablation(cls:VQFlowConfig, name:str, # a key of `ABLATIONS`
+             stage_channels, small:bool=True, **kw):
+    "The configuration `name` of the ablation study for a backbone with these 4 stage widths."
+    if name not in ABLATIONS: raise ValueError(f"unknown ablation {name!r}; known: {list(ABLATIONS)}")
+    return (cls.small if small else cls.for_channels)(stage_channels, **{**ABLATIONS[name], **kw})
 
 # %% ../nbs/10_vqflow.ipynb #632b6797
 def vqflow_maps(zs:list, # latents per scale (B,C_l,H_l,W_l)
@@ -170,12 +216,17 @@ def schedule(self:VQFlow) -> Schedule:
 
 @patch
 def on_epoch_end(self:VQFlow, epoch:int):
-    "Optional dead-code re-assignment (code: --reassign-quantize, off in the README commands); reset usage counts."
-    books = self.codebooks.codebooks()
+    "Log the epoch's codebook usage, optionally re-assign dead codes (code: --reassign-quantize, off in the README), reset the counts."
+    books = [] if self.codebooks is None else self.codebooks.codebooks()
+    if not books: return
     names = ['cpc', *[f'cspc{i+1}' for i in range(len(books) - 2)], 'cspc_fusion']
     self.usage = {n: (b.usage().clone(), b.perplexity()) for n, b in zip(names, books)}
+    row = dict(epoch=epoch, cpc_perplexity=self.usage['cpc'][1], cpc_used=int((self.usage['cpc'][0] > 0).sum()),
+               **{f'{n}_perplexity': p for n, (_, p) in self.usage.items() if n != 'cpc'})
     if self.cfg.reassign:
-        for b in books: b.reassign_dead_codes()
+        counts = [b.reassign_dead_codes(noise=self.cfg.reassign_noise, sync_stats=self.cfg.reassign_sync) for b in books]
+        row.update(cpc_reassigned=counts[0], cspc_reassigned=sum(counts[1:]))
+    self.usage_log.append(row)
     for b in books: b.reset_usage()
 
 # %% ../nbs/10_vqflow.ipynb #c69f3a5e
