@@ -140,3 +140,22 @@ def test_offline_method_presets(name, stage_ch, stage_strides, shapes):
     assert e.shapes == shapes and [c for c, _, _ in shapes] == e.channels
     x = torch.rand(2, 3, 100, 120)  # any image size: resized to the preset's input
     assert [tuple(f.shape) for f in e(x)] == [(2, *s) for s in shapes]
+
+
+def test_relabelled_dataset_is_another_cache_key(tmp_path):
+    "Labels and has-mask flags are cached with the features, so a relabelling (same files) must change the key."
+    from vqflow_nb.features import cache_key, dataset_fingerprint
+    ds = _dataset(tmp_path / 'data')
+    ex = FeatureExtractor('tf_efficientnet_lite0', (2,), input_size=32, weights='random')
+    k0 = cache_key(ds, ex)
+    assert cache_key(ds, ex) == k0                                   # deterministic
+    for r, lab in zip(ds.records, [0, 1, 0, 1, 0, 1]): r.label = lab  # labelled records: no sample is read
+    k1 = cache_key(ds, ex)
+    assert k1['dataset']['labels'] == k0['dataset']['labels']        # the same labels the samples report
+    ds.records[2].label = 1                                          # relabel one image, move nothing
+    k2 = cache_key(ds, ex)
+    assert k2['dataset']['files'] == k1['dataset']['files'] and k2 != k1
+    ds.has_masks = {'a': False}; k3 = cache_key(ds, ex)
+    ds.has_masks = {'a': True}; assert cache_key(ds, ex) != k3       # a class's masks switched on or off
+    st = extract_features(ds, ex, cache_dir=tmp_path / 'c', batch_size=3, progress=False)
+    assert st.key == cache_key(ds, ex) and json.loads((st.root / 'key.json').read_text())['dataset']['labels'] == k3['dataset']['labels']

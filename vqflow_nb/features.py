@@ -323,19 +323,24 @@ def forward(self:FeatureExtractor, images:torch.Tensor, # (B, 3, H, W) in [0, 1]
 
 # %% ../nbs/02_features.ipynb #4845f0d6
 def dataset_fingerprint(ds) -> dict:
-    "Identity of a dataset split: file fingerprint of its image+mask files, their order, its length and sample shapes."
+    "Identity of a dataset split: its image+mask files, their order, labels and mask flags, its length and sample shapes."
     recs = getattr(ds, 'records', None)
-    if exists(recs):
-        paths = [str(r.path) for r in recs]
-        files = paths + [str(r.mask_path) for r in recs if exists(getattr(r, 'mask_path', None))]
-    else:
-        paths = [str(ds[i].path) for i in range(len(ds))]; files = paths
-    if len(paths) != len(ds): raise ValueError(f"dataset has {len(ds)} samples but {len(paths)} records")
+    if exists(recs) and len(recs) != len(ds): raise ValueError(f"dataset has {len(ds)} samples but {len(recs)} records")
+    if exists(recs) and all(hasattr(r, 'label') for r in recs):
+        paths, labels = [str(r.path) for r in recs], [int(r.label) for r in recs]
+    else:  # no labelled records: read every sample once (slow, it decodes the images)
+        smp = [(str(s.path), int(s.label)) for s in (ds[i] for i in range(len(ds)))]
+        paths, labels = [p for p, _ in smp], [l for _, l in smp]
+    files = paths + [str(r.mask_path) for r in (recs or []) if exists(getattr(r, 'mask_path', None))]
     s0 = ds[0]
     # how files become tensors (vqflow_nb.data.AnomalyDataset attributes, where present) changes the features too
     transform = {a: getattr(ds, a) for a in ('split', 'image_size', 'mask_size', 'resample', 'class_index') if hasattr(ds, a)}
+    # the cache stores labels and has-mask flags beside the features: a split file (VisA's csv, Real-IAD's JSON) that
+    # relabels an image without moving it must not serve the old labels
+    cached = dict(labels=hashlib.sha1(bytes(labels)).hexdigest(), has_masks=dict(getattr(ds, 'has_masks', {}) or {}))
     return dict(files=file_fingerprint(files), order=hashlib.sha1('\n'.join(paths).encode()).hexdigest(), n=len(ds),
-                image_shape=list(s0.image.shape), mask_shape=list(s0.mask.shape), n_files=len(files), transform=transform)
+                image_shape=list(s0.image.shape), mask_shape=list(s0.mask.shape), n_files=len(files), transform=transform,
+                **cached)
 
 def cache_key(ds, # the dataset (see above)
               extractor:FeatureExtractor, # the extractor

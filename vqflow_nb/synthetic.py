@@ -6,10 +6,12 @@
 from __future__ import annotations
 import csv, json, os, shutil
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from .core import file_lock
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy.ndimage import binary_erosion, map_coordinates
 
 # %% auto #0
 __all__ = ['SYNTH_CLASSES', 'SYNTH_OBJECTS', 'SYNTH_DEFECTS', 'BENCH_OBJECTS', 'BENCH_CLASSES', 'BENCH_DEFECTS',
@@ -53,7 +55,7 @@ def _jitter(rng, rgb, amount=0.06):
     "Jitter an RGB colour by up to `amount` per channel (within-class colour variation)."
     return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0, 1).astype(np.float32)
 
-# %% ../nbs/01a_synthetic.ipynb #565cfdc4
+# %% ../nbs/01a_synthetic.ipynb #a1d88a39
 def _render_stripes(rng, S):
     yy, xx = _grid(S)
     a = np.deg2rad(30 + rng.uniform(-8, 8)); f = 9 + rng.uniform(-1, 1); ph = rng.uniform(0, 2 * np.pi)
@@ -62,6 +64,7 @@ def _render_stripes(rng, S):
     img = c1 + (c2 - c1) * v[..., None] + 0.03 * (rng.random((S, S, 1)) - 0.5)
     return img, np.ones((S, S), bool)
 
+# %% ../nbs/01a_synthetic.ipynb #6ad4bb4f
 def _render_wood(rng, S):
     yy, xx = _grid(S)
     n = _smooth_noise(rng, S, 4)
@@ -72,12 +75,14 @@ def _render_wood(rng, S):
     img = c1 + (c2 - c1) * (0.8 * v + 0.2 * grain)[..., None]
     return img, np.ones((S, S), bool)
 
+# %% ../nbs/01a_synthetic.ipynb #b8044b43
 def _render_leather(rng, S):
     g = 0.6 * _smooth_noise(rng, S, 48) + 0.4 * _smooth_noise(rng, S, 12)
     c = _jitter(rng, (0.42, 0.16, 0.12), 0.04)
     img = c * (0.75 + 0.5 * g)[..., None] + 0.02 * (rng.random((S, S, 1)) - 0.5)
     return img, np.ones((S, S), bool)
 
+# %% ../nbs/01a_synthetic.ipynb #ad5799b6
 def _render_bottle(rng, S):
     yy, xx = _grid(S)
     cy, cx = 0.5 + rng.uniform(-0.03, 0.03, 2); R = 0.36 + rng.uniform(-0.02, 0.02)
@@ -89,6 +94,7 @@ def _render_bottle(rng, S):
     img = np.where(obj[..., None], body * prof[..., None], img)
     return img, obj
 
+# %% ../nbs/01a_synthetic.ipynb #2d0bf6cc
 def _render_bar(rng, S):
     yy, xx = _grid(S)
     cy, cx = 0.5 + rng.uniform(-0.04, 0.04, 2); a = np.deg2rad(rng.uniform(-5, 5))
@@ -103,11 +109,12 @@ def _render_bar(rng, S):
     img = np.where(obj[..., None], body, img)
     return img, obj
 
+# %% ../nbs/01a_synthetic.ipynb #087983d9
 _RENDER = dict(stripes=_render_stripes, wood=_render_wood, leather=_render_leather,
                bottle=_render_bottle, bar=_render_bar)
 _BG = dict(bottle=0.08, bar=0.82)  # background grey of the objects (what a "missing" part shows)
 
-# %% ../nbs/01a_synthetic.ipynb #26e6fcd0
+# %% ../nbs/01a_synthetic.ipynb #9b6aead6
 def _render_grid(rng, S):
     "Woven mesh (a carpet/grid texture): two crossing sinusoids with an over-under term and fibre noise."
     yy, xx = _grid(S)
@@ -118,6 +125,7 @@ def _render_grid(rng, S):
     c1, c2 = _jitter(rng, (0.12, 0.28, 0.3), 0.04), _jitter(rng, (0.45, 0.7, 0.68), 0.04)
     return c1 + (c2 - c1) * np.clip(v + 0.15 * (_smooth_noise(rng, S, 96) - 0.5), 0, 1)[..., None], np.ones((S, S), bool)
 
+# %% ../nbs/01a_synthetic.ipynb #e9a219e0
 def _render_tile(rng, S):
     "Square tiles with grout lines; every tile its own shade."
     yy, xx = _grid(S)
@@ -129,12 +137,15 @@ def _render_tile(rng, S):
     img = (_jitter(rng, (0.86, 0.8, 0.68), 0.03) + shade[..., None]) * (0.95 + 0.1 * _smooth_noise(rng, S, 32))[..., None]
     return np.where(grout[..., None], _jitter(rng, (0.45, 0.45, 0.48), 0.03), img), np.ones((S, S), bool)
 
-# %% ../nbs/01a_synthetic.ipynb #23162d1d
+# %% ../nbs/01a_synthetic.ipynb #fe2e3887
+_BG.update(pill=(0.2, 0.24, 0.3), nut=(0.78, 0.7, 0.52), chip=(0.1, 0.42, 0.2))
+
 def _capsule(yy, xx, cy, cx, a, half, rad):
     "Distance to a capsule's axis segment (centre, angle `a`, half-length `half`), in units of its radius `rad`."
     u = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a); w = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
     return np.sqrt(np.maximum(np.abs(u) - half, 0) ** 2 + w ** 2) / rad
 
+# %% ../nbs/01a_synthetic.ipynb #18b1a086
 def _render_pill(rng, S):
     "A white capsule with red specks on a slate background."
     yy, xx = _grid(S)
@@ -151,6 +162,7 @@ def _render_pill(rng, S):
     img = np.full((S, S, 3), _BG["pill"], np.float32) + 0.03 * (_smooth_noise(rng, S, 12)[..., None] - 0.5)
     return np.where(obj[..., None], body, img), obj
 
+# %% ../nbs/01a_synthetic.ipynb #936f53ba
 def _render_nut(rng, S):
     "A hexagonal nut with a threaded hole and directional metal shading, on sand; any rotation is normal."
     yy, xx = _grid(S)
@@ -164,6 +176,7 @@ def _render_nut(rng, S):
     img = np.full((S, S, 3), _BG["nut"], np.float32) + 0.04 * (_smooth_noise(rng, S, 24)[..., None] - 0.5)
     return np.where(obj[..., None], body, img), obj
 
+# %% ../nbs/01a_synthetic.ipynb #ad0ae5e2
 def _render_chip(rng, S):
     "A black IC package with gold pins on two sides, on a green circuit board."
     yy, xx = _grid(S)
@@ -176,21 +189,43 @@ def _render_chip(rng, S):
     gold = _jitter(rng, (0.85, 0.7, 0.32), 0.04) * (0.85 + 0.15 * _smooth_noise(rng, S, 32))[..., None]
     return np.where(pin[..., None], gold, img), body | pin
 
-_BG.update(pill=(0.2, 0.24, 0.3), nut=(0.78, 0.7, 0.52), chip=(0.1, 0.42, 0.2))
+# %% ../nbs/01a_synthetic.ipynb #45ccad22
 _RENDER.update(grid=_render_grid, tile=_render_tile, pill=_render_pill, nut=_render_nut, chip=_render_chip)
 
-# %% ../nbs/01a_synthetic.ipynb #4cfde378
+# %% ../nbs/01a_synthetic.ipynb #754a1d30
 def _irregular_region(rng, S, cy, cx, r):
     "Irregular blob: pixels whose distance to (cy,cx), perturbed by smooth noise, is below r (all in [0,1] units)."
     yy, xx = _grid(S)
     d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / r
     return d + 0.6 * (_smooth_noise(rng, S, 6) - 0.5) < 1
 
+# %% ../nbs/01a_synthetic.ipynb #4e781741
 def _pick_point(rng, fg):
     "A random pixel of the foreground `fg`, as (y,x) in [0,1] units."
     ys, xs = np.nonzero(fg); i = rng.integers(len(ys)); S = fg.shape[0]
     return (ys[i] + 0.5) / S, (xs[i] + 0.5) / S
 
+def _erode(m, k):
+    "`m` eroded by `k` pixels (unchanged for k = 0)."
+    return binary_erosion(m, iterations=k) if k > 0 else m
+
+# %% ../nbs/01a_synthetic.ipynb #e6c32a31
+def _curve(S, cy, cx, a, ln, bend, width):
+    "Mask of a bent line of length `ln` through (cy,cx) at angle `a`, `width` pixels wide ([0,1] units)."
+    t = np.linspace(-0.5, 0.5, 40)
+    pts = [((cx + ln * s * np.cos(a) - bend * (1 - 4 * s * s) * np.sin(a)) * S,
+            (cy + ln * s * np.sin(a) + bend * (1 - 4 * s * s) * np.cos(a)) * S) for s in t]
+    canvas = Image.new("L", (S, S), 0)
+    ImageDraw.Draw(canvas).line(pts, fill=255, width=width, joint="curve")
+    return np.asarray(canvas) > 0
+
+# %% ../nbs/01a_synthetic.ipynb #ba31115b
+_PALETTE = np.array([(0.9, 0.1, 0.7), (0.1, 0.9, 0.9), (0.95, 0.9, 0.1), (0.1, 0.85, 0.2), (0.95, 0.3, 0.05)], np.float32)
+def _far_colour(mean_rgb):
+    "The palette colour farthest from the image's mean colour (so a stain is always visible)."
+    return _PALETTE[np.argmax(((_PALETTE - mean_rgb) ** 2).sum(1))]
+
+# %% ../nbs/01a_synthetic.ipynb #cb295263
 def _defect(rng, kind, img, fg, cls_name, donors=()):
     "Return (defect image, region) for one defect `kind`; the caller composites them."
     S = img.shape[0]
@@ -218,28 +253,10 @@ def _defect(rng, kind, img, fg, cls_name, donors=()):
     else: raise ValueError(f"unknown defect kind {kind!r}; expected one of {defect_kinds(cls_name)}")
     return D, M & fg
 
-def _curve(S, cy, cx, a, ln, bend, width):
-    "Mask of a bent line of length `ln` through (cy,cx) at angle `a`, `width` pixels wide ([0,1] units)."
-    t = np.linspace(-0.5, 0.5, 40)
-    pts = [((cx + ln * s * np.cos(a) - bend * (1 - 4 * s * s) * np.sin(a)) * S,
-            (cy + ln * s * np.sin(a) + bend * (1 - 4 * s * s) * np.cos(a)) * S) for s in t]
-    canvas = Image.new("L", (S, S), 0)
-    ImageDraw.Draw(canvas).line(pts, fill=255, width=width, joint="curve")
-    return np.asarray(canvas) > 0
-
-def _erode(m, k):
-    from scipy.ndimage import binary_erosion
-    return binary_erosion(m, iterations=k) if k > 0 else m
-
-_PALETTE = np.array([(0.9, 0.1, 0.7), (0.1, 0.9, 0.9), (0.95, 0.9, 0.1), (0.1, 0.85, 0.2), (0.95, 0.3, 0.05)], np.float32)
-def _far_colour(mean_rgb):
-    "The palette colour farthest from the image's mean colour (so a stain is always visible)."
-    return _PALETTE[np.argmax(((_PALETTE - mean_rgb) ** 2).sum(1))]
-
-# %% ../nbs/01a_synthetic.ipynb #5a05f12f
+# %% ../nbs/01a_synthetic.ipynb #31ba05ae
 def _warp(rng, img, fg, core, cls_name, donors):
+    "The texture itself, rotated, rescaled and shifted, inside an irregular region (textures only)."
     if _is_object(cls_name): raise ValueError(f"defect 'warp' needs a texture class, got {cls_name!r}")
-    from scipy.ndimage import map_coordinates
     S = img.shape[0]
     cy, cx = _pick_point(rng, core); M = _irregular_region(rng, S, cy, cx, rng.uniform(0.1, 0.15))
     th = rng.choice([-1, 1]) * np.deg2rad(rng.uniform(25, 60)); s = rng.uniform(1.3, 1.7)
@@ -249,7 +266,9 @@ def _warp(rng, img, fg, core, cls_name, donors):
     sx = (cx + t[1] + (np.sin(th) * py + np.cos(th) * px) / s) * S - 0.5
     return np.stack([map_coordinates(img[..., k], [sy, sx], order=1, mode="mirror") for k in range(3)], -1), M & fg
 
+# %% ../nbs/01a_synthetic.ipynb #82968576
 def _cross_class(rng, img, fg, core, cls_name, donors):
+    "Another class's normal image beyond a wavy boundary across 30-50 % of the image."
     if not donors: raise ValueError("defect 'cross_class' needs donor classes")
     S = img.shape[0]; yy, xx = _grid(S)
     th = rng.uniform(0, 2 * np.pi)  # a wavy boundary across the image; 30-50 % of it lies beyond
@@ -257,20 +276,25 @@ def _cross_class(rng, img, fg, core, cls_name, donors):
     M = proj > np.quantile(proj, 1 - rng.uniform(0.3, 0.5))
     return _RENDER[donors[rng.integers(len(donors))]](rng, S)[0], M  # not confined to the object: donor and host both whole
 
+# %% ../nbs/01a_synthetic.ipynb #1b578bc1
 def _faint(rng, img, fg, core, cls_name, donors):
+    "A uniform colour shift of 0.04-0.06 in a random direction, inside an irregular region."
     cy, cx = _pick_point(rng, core); M = _irregular_region(rng, img.shape[0], cy, cx, rng.uniform(0.08, 0.14))
     d = rng.normal(size=3).astype(np.float32)
     return img + rng.uniform(0.04, 0.06) * d / np.linalg.norm(d), M & fg
 
 def _speck(rng, img, fg, core, cls_name, donors):
+    "A dot of radius 0.8-1.4 % of the side, 0.18 darker (on a bright surface) or brighter."
     cy, cx = _pick_point(rng, core); M = _irregular_region(rng, img.shape[0], cy, cx, rng.uniform(0.008, 0.014))
     return img + np.float32(-0.18 if img[fg].mean() > 0.5 else 0.18), M & fg  # a darker (brighter) dot of the local colour
 
 def _thin(rng, img, fg, core, cls_name, donors):
+    "A 1-pixel hairline at 15 % contrast, 12-22 % of the side long."
     cy, cx = _pick_point(rng, core)
     M = _curve(img.shape[0], cy, cx, rng.uniform(0, np.pi), rng.uniform(0.12, 0.22), rng.uniform(-0.1, 0.1), 1)
     return 0.85 * img + 0.15 * np.float32(0.97 if img[fg].mean() < 0.5 else 0.03), M & fg
 
+# %% ../nbs/01a_synthetic.ipynb #cca8e647
 _SUBTLE = dict(warp=_warp, cross_class=_cross_class, faint=_faint, speck=_speck, thin=_thin)
 _MIN_FRAC = dict(speck=0.0001, thin=0.0003)  # small by design; every other kind: 0.004 of the image
 
@@ -330,7 +354,90 @@ def _save(arr, path, jpg=False):
     if jpg: Image.fromarray(arr).save(path, quality=95)  # VisA ships JPEGs
     else: Image.fromarray(arr).save(path, compress_level=1)  # fast zlib: build time is dominated by PNG encoding
 
-# %% ../nbs/01a_synthetic.ipynb #1be2e91d
+# %% ../nbs/01a_synthetic.ipynb #2c52aac6
+def _preset_counts(preset:str, n_train, n_test_good, n_test_bad) -> tuple[dict, tuple]:
+    "The preset's settings and the (train, test good, test defective) images per class, the preset's where None."
+    if preset not in SYNTH_PRESETS: raise ValueError(f"unknown preset {preset!r}; expected one of {list(SYNTH_PRESETS)}")
+    P = SYNTH_PRESETS[preset]
+    return P, tuple(P[k] if v is None else v for k, v in
+                    [("n_train", n_train), ("n_test_good", n_test_good), ("n_test_bad", n_test_bad)])
+
+def _build_params(P:dict, preset:str, classes, n_train, n_test_good, n_test_bad, size, seed, layout) -> tuple[list, dict]:
+    "Check a build's arguments; return its classes and its manifest parameters."
+    classes = list(P["classes"] if classes is None else classes)
+    bad = [c for c in classes if c not in P["classes"]]
+    if bad: raise ValueError(f"unknown synthetic classes {bad}; expected a subset of {P['classes']}"
+                             + ("" if preset == "default" else f" (preset {preset!r})"))
+    if layout not in LAYOUTS: raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    for k, v in dict(n_train=n_train, n_test_good=n_test_good, n_test_bad=n_test_bad).items():
+        if v < 0: raise ValueError(f"{k} must be >= 0, got {v}")
+    if size < 32: raise ValueError(f"size must be >= 32 pixels, got {size}")
+    params = dict(version=1, classes=classes, n_train=n_train, n_test_good=n_test_good,
+                  n_test_bad=n_test_bad, size=size, seed=seed, layout=layout)
+    if preset != "default": params["preset"] = preset  # default manifests stay as they were
+    return classes, params
+
+# %% ../nbs/01a_synthetic.ipynb #9807620a
+def _reuse_or_clear(root:Path, params:dict, preset:str, classes:list, overwrite:bool) -> bool:
+    "True if `root` holds this complete build; else clear what the new build replaces (or refuse) and return False."
+    man = root / "synthetic.json"
+    if man.exists():
+        old = json.loads(man.read_text())
+        same = {k: old.get(k) for k in params} == params and old.get("preset", "default") == preset
+        if same and not overwrite and all((root / f).exists() for f in old.get("files", [])): return True
+        if not same and not overwrite:
+            raise ValueError(f"{root} holds a different synthetic build ({ {k: old.get(k) for k in [*params, 'preset']} }); "
+                             "pass overwrite=True or use another folder")
+        for top in sorted({Path(f).parts[0] for f in old.get("files", [])}): shutil.rmtree(root / top, ignore_errors=True)
+        man.unlink()
+    elif root.exists() and any(root.iterdir()) and not overwrite:
+        raise ValueError(f"{root} is not empty and has no synthetic.json; pass overwrite=True or use an empty folder")
+    if overwrite:
+        for top in classes + ["split_csv"]: shutil.rmtree(root / top, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    return False
+
+# %% ../nbs/01a_synthetic.ipynb #ef64a462
+def _image_names(layout:str, c:str, ci:int, role:str, i:int, defect:str|None, n_normal:dict, n_def:dict):
+    "(image path, mask path or None, mask value or None) of image `i` of `role` of class `c` (index `ci` in its preset)."
+    msk = mval = None
+    if layout == "mvtec":
+        sub = "train/good" if role == "train" else "test/good" if role == "test_good" else f"test/{defect}"
+        j = i if defect is None else n_def.setdefault((c, defect), 0)
+        name = f"{c}/{sub}/{j:03d}.png"
+        if defect is not None:
+            n_def[(c, defect)] += 1
+            msk, mval = f"{c}/ground_truth/{defect}/{j:03d}_mask.png", 255
+    elif layout == "visa_mvtec":  # the conversion copies VisA's files, keeping their names
+        if defect is None:
+            k = n_normal[c] = n_normal.get(c, -1) + 1
+            name = f"{c}/{'train' if role == 'train' else 'test'}/good/{k:04d}.JPG"
+        else: name, msk, mval = f"{c}/test/bad/{i:03d}.JPG", f"{c}/ground_truth/bad/{i:03d}.png", 255
+    else:  # visa_csv: normal images of both splits share one folder, the csv says which split
+        if defect is None:
+            k = n_normal[c] = n_normal.get(c, -1) + 1
+            name = f"{c}/Data/Images/Normal/{k:04d}.JPG"
+        else:
+            name, msk = f"{c}/Data/Images/Anomaly/{i:03d}.JPG", f"{c}/Data/Masks/Anomaly/{i:03d}.png"
+            mval = 1 + ci % 3  # raw VisA masks hold small values, not 255
+    return name, msk, mval
+
+# %% ../nbs/01a_synthetic.ipynb #c6fbcd69
+def _draw(root:Path, size:int, imaging:bool, job:tuple):
+    "Draw one planned image (and its mask) and write it."
+    c, key, defect, donors, name, msk, mval = job
+    img, m = synth_image(c, np.random.default_rng(key), size, defect, donors=donors, imaging=imaging)
+    _save(img, root / name, jpg=name.endswith(".JPG"))
+    if msk: _save((m * mval).astype(np.uint8), root / msk)
+
+def _write_visa_csv(root:Path, rows:list) -> str:
+    "Write VisA's split file `split_csv/1cls.csv`; return its name."
+    (root / "split_csv").mkdir(exist_ok=True)
+    with open(root / "split_csv" / "1cls.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["object", "split", "label", "image", "mask"]); w.writeheader(); w.writerows(rows)
+    return "split_csv/1cls.csv"
+
+# %% ../nbs/01a_synthetic.ipynb #e5b903ff
 def make_synthetic(root:str|Path, # folder to write into (created)
                    classes:list[str]|None=None, # subset of the preset's classes; None = all
                    n_train:int|None=None, # normal training images per class; None = the preset's (16; benchmark 28)
@@ -344,81 +451,23 @@ def make_synthetic(root:str|Path, # folder to write into (created)
                   ) -> Path:
     "Write a seeded synthetic multi-class anomaly dataset under `root` in a real dataset layout; return `root`."
     root = Path(root)
-    if preset not in SYNTH_PRESETS: raise ValueError(f"unknown preset {preset!r}; expected one of {list(SYNTH_PRESETS)}")
-    P = SYNTH_PRESETS[preset]
-    n_train, n_test_good, n_test_bad = (P[k] if v is None else v for k, v in
-                                        [("n_train", n_train), ("n_test_good", n_test_good), ("n_test_bad", n_test_bad)])
+    P, (n_train, n_test_good, n_test_bad) = _preset_counts(preset, n_train, n_test_good, n_test_bad)
     # nbdev_test runs notebooks in parallel and several build the same default dataset: one builder at a time
     with file_lock(root.parent / f".{root.name}.lock"):
-        classes = list(P["classes"] if classes is None else classes)
-        bad = [c for c in classes if c not in P["classes"]]
-        if bad: raise ValueError(f"unknown synthetic classes {bad}; expected a subset of {P['classes']}"
-                                 + ("" if preset == "default" else f" (preset {preset!r})"))
-        if layout not in LAYOUTS: raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-        for k, v in dict(n_train=n_train, n_test_good=n_test_good, n_test_bad=n_test_bad).items():
-            if v < 0: raise ValueError(f"{k} must be >= 0, got {v}")
-        if size < 32: raise ValueError(f"size must be >= 32 pixels, got {size}")
-        params = dict(version=1, classes=classes, n_train=n_train, n_test_good=n_test_good,
-                      n_test_bad=n_test_bad, size=size, seed=seed, layout=layout)
-        if preset != "default": params["preset"] = preset  # default manifests stay as they were
-        man = root / "synthetic.json"
-        if man.exists():
-            old = json.loads(man.read_text())
-            same = {k: old.get(k) for k in params} == params and old.get("preset", "default") == preset
-            if same and not overwrite and all((root / f).exists() for f in old.get("files", [])): return root
-            if not same and not overwrite:
-                raise ValueError(f"{root} holds a different synthetic build ({ {k: old.get(k) for k in [*params, 'preset']} }); "
-                                 "pass overwrite=True or use another folder")
-            for top in sorted({Path(f).parts[0] for f in old.get("files", [])}): shutil.rmtree(root / top, ignore_errors=True)
-            man.unlink()
-        elif root.exists() and any(root.iterdir()) and not overwrite:
-            raise ValueError(f"{root} is not empty and has no synthetic.json; pass overwrite=True or use an empty folder")
-        if overwrite:
-            for top in classes + ["split_csv"]: shutil.rmtree(root / top, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-
+        classes, params = _build_params(P, preset, classes, n_train, n_test_good, n_test_bad, size, seed, layout)
+        if _reuse_or_clear(root, params, preset, classes, overwrite): return root
         files, rows, jobs, n_normal, n_def = [], [], [], {}, {}
         for c, role, i, defect in _plan(classes, P["defects"], n_train, n_test_good, n_test_bad):
             ci = P["classes"].index(c)
-            msk = mval = None
-            if layout == "mvtec":
-                sub = "train/good" if role == "train" else "test/good" if role == "test_good" else f"test/{defect}"
-                j = i if defect is None else n_def.setdefault((c, defect), 0)
-                name = f"{c}/{sub}/{j:03d}.png"
-                if defect is not None:
-                    n_def[(c, defect)] += 1
-                    msk, mval = f"{c}/ground_truth/{defect}/{j:03d}_mask.png", 255
-            elif layout == "visa_mvtec":  # the conversion copies VisA's files, keeping their names
-                if defect is None:
-                    k = n_normal[c] = n_normal.get(c, -1) + 1
-                    name = f"{c}/{'train' if role == 'train' else 'test'}/good/{k:04d}.JPG"
-                else: name, msk, mval = f"{c}/test/bad/{i:03d}.JPG", f"{c}/ground_truth/bad/{i:03d}.png", 255
-            else:  # visa_csv: normal images of both splits share one folder, the csv says which split
-                if defect is None:
-                    k = n_normal[c] = n_normal.get(c, -1) + 1
-                    name = f"{c}/Data/Images/Normal/{k:04d}.JPG"
-                else:
-                    name, msk = f"{c}/Data/Images/Anomaly/{i:03d}.JPG", f"{c}/Data/Masks/Anomaly/{i:03d}.png"
-                    mval = 1 + ci % 3  # raw VisA masks hold small values, not 255
-                rows.append(dict(object=c, split="train" if role == "train" else "test",
-                                 label="normal" if defect is None else "anomaly", image=name, mask=msk or ""))
+            name, msk, mval = _image_names(layout, c, ci, role, i, defect, n_normal, n_def)
+            if layout == "visa_csv": rows.append(dict(object=c, split="train" if role == "train" else "test",
+                                                      label="normal" if defect is None else "anomaly", image=name, mask=msk or ""))
             donors = [d for d in classes if d != c] or [d for d in P["classes"] if d != c]
             jobs.append((c, [seed, ci, _ROLE[role], i, *_SEED_TAG[preset]], defect, donors, name, msk, mval))
             files += [name] + ([msk] if msk else [])
-
-        def draw(job):  # every image has its own generator: the order of drawing does not matter
-            c, key, defect, donors, name, msk, mval = job
-            img, m = synth_image(c, np.random.default_rng(key), size, defect, donors=donors, imaging=P["imaging"])
-            _save(img, root / name, jpg=name.endswith(".JPG"))
-            if msk: _save((m * mval).astype(np.uint8), root / msk)
-        # numpy and PIL's encoders release the GIL: threads use every core (the build is dominated by pixel work)
-        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex: list(ex.map(draw, jobs))
-        if layout == "visa_csv":
-            (root / "split_csv").mkdir(exist_ok=True)
-            with open(root / "split_csv" / "1cls.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=["object", "split", "label", "image", "mask"]); w.writeheader(); w.writerows(rows)
-            files.append("split_csv/1cls.csv")
-        man.write_text(json.dumps(dict(params, files=files), indent=1))
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex: list(ex.map(partial(_draw, root, size, P["imaging"]), jobs))
+        if layout == "visa_csv": files.append(_write_visa_csv(root, rows))
+        (root / "synthetic.json").write_text(json.dumps(dict(params, files=files), indent=1))
         return root
 
 # %% ../nbs/01a_synthetic.ipynb #31b253fc
