@@ -13,18 +13,9 @@ from vqflow_nb.replicate import PARAMETERS, replicate, run_id, main, data_finger
 ROOT = project_root()
 NBS = sorted((ROOT/'nbs'/'replicate').glob('*.ipynb'))
 
-# `dataset` (the grid entry's data set, passed by `_expand`) is not declared by the replication notebooks yet
-PENDING = ('dataset',)
-
-@pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
-def test_notebook_parameters(nb):
-    params = pm.inspect_notebook(str(nb))
-    assert list(params) == [k for k in PARAMETERS if k not in PENDING]
-
-@pytest.mark.xfail(strict=True, reason="nbs/replicate/*.ipynb do not declare `dataset` yet: add `dataset = None` first in the "
-                                       "parameters cell and use `dataset or dataset_name(...)`; then drop PENDING")
 @pytest.mark.parametrize('nb', NBS, ids=[p.stem for p in NBS])
 def test_notebook_declares_every_parameter(nb):
+    "Every replication notebook takes exactly the runner's parameters, in its order (`dataset` first)."
     assert list(pm.inspect_notebook(str(nb))) == list(PARAMETERS)
 
 def test_committed_synthetic_run_ids():

@@ -6,7 +6,7 @@
 __all__ = ['method_label', 'run_info', 'grid_runs', 'seed_stats', 'overall_table', 'kind_table', 'class_table', 'pm',
            'runs_summary', 'comparison_markdown', 'comparison_figure', 'write_comparison', 'main']
 
-# %% ../nbs/32_compare.ipynb #1c48d51f
+# %% ../nbs/32_compare.ipynb #cc19f060
 import argparse, json, sys
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 from .core import default, project_root
 from .replicate import load_runs, METRIC_NAMES, _labels
 
-# %% ../nbs/32_compare.ipynb #e2cfbbf1
+# %% ../nbs/32_compare.ipynb #c22cc371
 def method_label(method:str, variant:str) -> str:
     "The row name of a method in the comparison: `vqflow`, or `hgad (label_free)` for a variant other than 'code'."
     return method if variant in (None, 'code') else f'{method} ({variant})'
@@ -40,7 +40,7 @@ def run_info(results:str|Path, # a results folder (`<results>/<dataset>/<method>
                          degenerate=bool(m.get('degenerate', False)), run_dir=str(fn.parent)))
     return pd.DataFrame(rows)
 
-# %% ../nbs/32_compare.ipynb #4ad2dc34
+# %% ../nbs/32_compare.ipynb #39f2c5cd
 def grid_runs(config:str|Path|dict) -> set:
     "`<method>/<run_id>` of every run of a `vqflow-replicate` grid (YAML file or dict), as the runner names them."
     import yaml
@@ -48,7 +48,7 @@ def grid_runs(config:str|Path|dict) -> set:
     cfg = yaml.safe_load(Path(config).read_text()) if not isinstance(config, dict) else config
     return {f"{r['method']}/{_resolve_run(r, project_root())[1]}" for r in _expand(cfg)}
 
-# %% ../nbs/32_compare.ipynb #ad3384c6
+# %% ../nbs/32_compare.ipynb #a3ad719a
 def seed_stats(values:pd.DataFrame, # tidy rows with `label`, `seed`, the grouping columns and `value`
                by:list) -> pd.DataFrame:
     "mean, std (ddof=1; NaN for one seed) and n over seeds for each group of `by`."
@@ -70,7 +70,7 @@ def overall_table(results:str|Path, dataset:str,
     "Class-mean metrics per method over seeds (finished, non-degenerate runs): rows label x metric, mean/std/n."
     return seed_stats(_metric_rows(results, dataset, which, False, runs), ['label', 'metric'])
 
-# %% ../nbs/32_compare.ipynb #a1ea25c9
+# %% ../nbs/32_compare.ipynb #2ede8390
 def kind_table(results:str|Path, dataset:str, runs:set|None=None) -> pd.DataFrame:
     "Per defect kind (I-AUROC good vs kind, P-AUROC) per method over seeds: rows label x defect_kind x metric."
     info = run_info(results, dataset, runs)
@@ -87,7 +87,7 @@ def class_table(results:str|Path, dataset:str, which:str='last', runs:set|None=N
     "Per class metrics per method over seeds: rows label x cls x metric."
     return seed_stats(_metric_rows(results, dataset, which, True, runs), ['label', 'cls', 'metric'])
 
-# %% ../nbs/32_compare.ipynb #09cfd499
+# %% ../nbs/32_compare.ipynb #ea53079c
 def pm(mean:float, std:float, n:int) -> str:
     "`84.4 ± 1.2` (×100); one seed has no spread: `84.4`."
     if pd.isna(mean): return ''
@@ -106,7 +106,7 @@ def runs_summary(info:pd.DataFrame) -> pd.DataFrame:
                          'degenerate': g.degenerate.sum().astype(int),
                          'minutes/run': g.seconds.mean().div(60).round(1)})
 
-# %% ../nbs/32_compare.ipynb #bf6b4053
+# %% ../nbs/32_compare.ipynb #e149ee81
 def comparison_markdown(results:str|Path, dataset:str, runs:set|None=None) -> str:
     "The comparison as markdown: runs, overall (last and best), per defect kind, per class."
     info = run_info(results, dataset, runs)
@@ -127,7 +127,7 @@ def comparison_markdown(results:str|Path, dataset:str, runs:set|None=None) -> st
         out += [f'\n### Per class: {METRIC_NAMES[metric]}\n', _wide(ct[ct.metric == metric], ['cls'], 'label').to_markdown()]
     return '\n'.join(out) + '\n'
 
-# %% ../nbs/32_compare.ipynb #3012d865
+# %% ../nbs/32_compare.ipynb #6b121451
 def _bars(ax, t:pd.DataFrame, cats:list, labels:list, title:str):
     w = 0.8 / max(len(labels), 1)
     for i, lab in enumerate(labels):
@@ -155,7 +155,7 @@ def comparison_figure(results:str|Path, dataset:str, runs:set|None=None) -> plt.
     fig.tight_layout()
     return fig
 
-# %% ../nbs/32_compare.ipynb #2a2b03a9
+# %% ../nbs/32_compare.ipynb #8b101f71
 def write_comparison(results:str|Path|None=None, # results folder (default: <project>/results)
                      dataset:str='synthetic',
                      config:str|Path|None=None, # compare only the runs of this grid YAML; its stem names the files

@@ -64,8 +64,11 @@ def _from_module(module:str):
 # VQ-Flow [code] cool-xuan/vqflow `main.py` argparse: convnextv2_base, --input-size 384, 30 meta x 2 sub-epochs
 @register_method('vqflow', authors=dict(backbone='vqflow', image_size=384, epochs=60), offline='offline')
 def _build_vqflow(channels, variant='code', small=False, seed=None, **_):
-    from vqflow_nb.vqflow import VQFlow, VQFlowConfig   # here: a method's module is imported only when a run builds it
-    cfg = (VQFlowConfig.small if small else VQFlowConfig.for_channels)(channels, variant=variant, seed=seed)
+    "variant: 'code' / 'paper' (the prior's log-det), or a configuration of the ablation study (`vqflow.ABLATIONS`, e.g. 'plain')."
+    from vqflow_nb.vqflow import VQFlow, VQFlowConfig, ABLATIONS   # here: a method's module is imported only when a run builds it
+    if variant in ('code', 'paper'): cfg = (VQFlowConfig.small if small else VQFlowConfig.for_channels)(channels, variant=variant, seed=seed)
+    elif variant in ABLATIONS: cfg = VQFlowConfig.ablation(variant, channels, small=small, seed=seed)
+    else: raise ValueError(f"VQ-Flow variant {variant!r}: expected 'code', 'paper' or one of {list(ABLATIONS)}")
     return VQFlow(cfg)
 
 # HGAD [code] xcyao00/HGAD `main.py`: tf_efficientnet_b6 on a 1024/512/256 pyramid, 25 meta x 8 sub-epochs
