@@ -6,15 +6,13 @@ Each case runs in a fresh subprocess, so its peak resident memory (VmHWM) is its
 - authors: convnextv2_base at 384 px (random weights: timing only), the authors' full `VQFlowConfig`, batch 4.
 `*_cached` cases time the VQ-Flow step alone with no backbone in the process (what our trainer does on cached
 features); the others put a no-grad backbone forward into every step and also time inference per image.
-The authors' own code, same configuration, same machine: 77.9 s per training step (it back-propagates through the
-frozen backbone), 13.1 GB peak, 5.96 s per image at inference (figures given in the issue).
-Writes results/benchmarks/vqflow.{json,md}.
+Our speed against the authors' code is measured by `benchmarks/vs_authors.py` (same process, same machine,
+identical weights, alternating timings); this script only times ours. Writes results/benchmarks/vqflow.{json,md}.
 """
 import json, os, subprocess, sys, time, platform
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-AUTHORS = dict(step_s=77.9, peak_gb=13.1, infer_s_per_img=5.96)
 
 def vmhwm_gb():
     for l in open('/proc/self/status'):
@@ -74,16 +72,8 @@ def main():
         out = subprocess.run([sys.executable, __file__, '--case', name, str(steps)], capture_output=True, text=True, cwd=ROOT)
         if out.returncode: print(out.stderr[-3000:]); sys.exit(1)
         rows.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), what=what)); print(rows[-1], flush=True)
-    by = {r['case']: r for r in rows}
-    cmp = dict(step_speedup_with_backbone=AUTHORS['step_s'] / by['authors']['step_s'],
-               step_speedup_cached=AUTHORS['step_s'] / by['authors_cached']['step_s'],
-               step_speedup_cached_checkpoint=AUTHORS['step_s'] / by['authors_cached_checkpoint']['step_s'],
-               peak_ratio_with_backbone=by['authors']['peak_gb'] / AUTHORS['peak_gb'],
-               peak_ratio_cached=by['authors_cached']['peak_gb'] / AUTHORS['peak_gb'],
-               peak_ratio_cached_checkpoint=by['authors_cached_checkpoint']['peak_gb'] / AUTHORS['peak_gb'],
-               infer_speedup=AUTHORS['infer_s_per_img'] / by['authors']['infer_s_per_img'])
     out = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), load_avg=os.getloadavg()),
-               authors_code=AUTHORS, cases=rows, comparison=cmp)
+               cases=rows)
     d = ROOT/'results'/'benchmarks'; d.mkdir(parents=True, exist_ok=True)
     (d/'vqflow.json').write_text(json.dumps(out, indent=1))
     L = ['# VQ-Flow benchmark (CPU)', '', f"Machine: {out['machine']['platform']}, {out['machine']['cpus']} CPUs, "
@@ -96,12 +86,8 @@ def main():
         inf = f"{r['infer_s_per_img']:.2f}" if 'infer_s_per_img' in r else ''
         L.append(f"| {r['case']} | {r['what']} | {r['batch']} | {r['input'][0]} | {r['flow_params_M']} | {r['total_params_M']} | "
                  f"{r['step_s']:.2f} | {r['train_img_per_s']:.3f} | {inf} | {r['peak_gb']:.2f} |")
-    L += ['', f"Authors' code, same configuration and machine (from the issue): {AUTHORS['step_s']} s/step (it also back-propagates "
-          f"through the frozen backbone), {AUTHORS['peak_gb']} GB peak, {AUTHORS['infer_s_per_img']} s/img inference.", '',
-          f"Ours vs theirs, authors' configuration: training step {cmp['step_speedup_with_backbone']:.2f}x faster with the backbone "
-          f"forward in the step, {cmp['step_speedup_cached']:.2f}x on cached features, {cmp['step_speedup_cached_checkpoint']:.2f}x "
-          f"with checkpointing; peak memory {100*cmp['peak_ratio_with_backbone']:.0f} % / {100*cmp['peak_ratio_cached']:.0f} % / "
-          f"{100*cmp['peak_ratio_cached_checkpoint']:.0f} % of theirs; inference {cmp['infer_speedup']:.2f}x faster."]
+    L += ['', "Ours against the authors' code (same machine, same process, identical weights): "
+          "`results/benchmarks/vs_authors.md` (`benchmarks/vs_authors.py`)."]
     (d/'vqflow.md').write_text('\n'.join(L) + '\n'); print('\n'.join(L))
 
 if __name__ == '__main__': main()

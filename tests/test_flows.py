@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vqflow_nb.flows import (AllInOneBlock, FusionCoupling, SequenceFlow, conditional_flow, count_params,
-                             hgad_flow, positional_encoding_2d, subnet_conv_ln, subnet_fc, vqflow_flows)
+from vqflow_nb.flows import (AllInOneBlock, BroadcastCond, FusionCoupling, SequenceFlow, conditional_flow, conv_broadcast,
+                             count_params, hgad_flow, positional_encoding_2d, subnet_conv_ln, subnet_fc, vqflow_flows)
 
 
 def _randomize(m, std=0.3, seed=0):
@@ -233,3 +233,41 @@ def test_head_clamp_variant():
     assert abs(_logdet(lambda xi: blk(xi, c[:1])[0], x[0]) - ld[0]) < LOGDET_EPS
     with pytest.raises(ValueError, match="clamp_variant"):
         AllInOneBlock(6, clamp_variant="tanh")
+
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=2, dilation=2),
+                                  dict(kernel_size=(3, 1), padding=(1, 0))])
+def test_conv_broadcast_equals_dense(conv):
+    "conv of [x, vec repeated] computed from the taps equals the dense convolution (values and all gradients, float64)."
+    g = torch.Generator().manual_seed(0)
+    c = torch.nn.Conv2d(9, 5, **conv).double()
+    x = torch.randn(3, 4, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ref, fast = c(BroadcastCond(x, v).dense()), conv_broadcast(c, x, v)
+    assert (fast - ref).abs().max() < 1e-12
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((fast * w).sum(), [x, v, c.weight, c.bias]),
+                    torch.autograd.grad((ref * w).sum(), [x, v, c.weight, c.bias])):
+        assert (a - b).abs().max() < 1e-11
+
+
+def test_broadcast_cond_flows_match_dense():
+    "VQ-Flow-shaped flows give the same latents and log-dets with a BroadcastCond as with the repeated condition."
+    torch.manual_seed(0)
+    par, fus = vqflow_flows((4, 6, 8), cond_channels=10, depths=(2, 1, 1), seed=0)
+    par, fus = _randomize(par).double(), _randomize(fus).double()
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, ch, s, s, generator=g, dtype=torch.float64) for ch, s in zip((4, 6, 8), (6, 3, 2))]
+    vec = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    bcs = [BroadcastCond(torch.randn(2, 6, x.shape[-2], x.shape[-1], generator=g, dtype=torch.float64), vec) for x in xs]
+    for flow, x, bc in zip(par, xs, bcs):
+        (z1, l1), (z2, l2) = flow(x, bc.dense()), flow(x, bc)
+        assert (z1 - z2).abs().max() < 1e-12 and (l1 - l2).abs().max() < 1e-10
+    (zs1, l1), (zs2, l2) = fus(xs, bcs[-1].dense()), fus(xs, bcs[-1])
+    assert max((a - b).abs().max() for a, b in zip(zs1, zs2)) < 1e-12 and (l1 - l2).abs().max() < 1e-10
+    # a subnet without the vector path (fc on vectors) gets the dense condition
+    blk = _randomize(AllInOneBlock(5, 3, subnet_fc, seed=0)).double()
+    x, cm, cv = (torch.randn(4, n, dtype=torch.float64) for n in (5, 1, 2))
+    assert torch.equal(blk(x, BroadcastCond(cm, cv))[0], blk(x, torch.cat([cm, cv], 1))[0])
+    with pytest.raises(ValueError, match="condition must be"):
+        fus(xs, BroadcastCond(bcs[-1].map[:, :5], vec))

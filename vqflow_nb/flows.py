@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,9 @@ from scipy.stats import special_ortho_group
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['positional_encoding_2d', 'ConvLNSubnet', 'subnet_conv_ln', 'subnet_fc', 'AllInOneBlock', 'SequenceFlow',
-           'conditional_flow', 'FusionSubnet', 'FusionCoupling', 'vqflow_flows', 'hgad_flow', 'count_params']
+__all__ = ['positional_encoding_2d', 'ConvLNSubnet', 'subnet_conv_ln', 'subnet_fc', 'BroadcastCond', 'conv_broadcast',
+           'AllInOneBlock', 'SequenceFlow', 'conditional_flow', 'FusionSubnet', 'FusionCoupling', 'vqflow_flows',
+           'hgad_flow', 'count_params']
 
 # %% ../nbs/04_flows.ipynb #76aa97a6
 def positional_encoding_2d(
@@ -59,10 +60,14 @@ class ConvLNSubnet(nn.Module):
         self.relu = nn.ReLU()
         self.conv2 = nn.Conv2d(c_in, c_out, 3, 1, 1)
 
-    def forward(self, x:Tensor) -> Tensor:
+    broadcast = True # accepts the constant part of a `BroadcastCond` as a vector (see below)
+
+    def forward(self, x:Tensor, # (B,C,H,W): passive half and condition map
+                vec:Tensor|None=None, # (B,C_v): last C_v input channels, constant over positions (not repeated)
+               ) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"ConvLNSubnet expects a (B,C,H,W) map, got shape {tuple(x.shape)}; use subnet_fc for vectors")
-        h = self.conv1(x)
+        h = self.conv1(x) if vec is None else conv_broadcast(self.conv1, x, vec)
         h = rearrange(self.ln(rearrange(h, "b c h w -> b h w c")), "b h w c -> b c h w")
         return self.conv2(self.relu(h))
 
@@ -78,15 +83,55 @@ def subnet_fc(c_in:int, # input features (passive half + condition)
     "Build HGAD's fully connected coupling subnet Linear(c_in,2c_in)-ReLU-Linear(2c_in,c_out)."
     return nn.Sequential(nn.Linear(c_in, 2 * c_in), nn.ReLU(), nn.Linear(2 * c_in, c_out))
 
+# %% ../nbs/04_flows.ipynb #28f3ac92
+class BroadcastCond(NamedTuple):
+    "A condition whose last channels are the same at every position: `map` (B,C_m,...) then `vec` (B,C_v) broadcast."
+    map: Tensor
+    vec: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        "Shape of the dense condition it stands for (B, C_m + C_v, ...)."
+        return torch.Size((self.map.shape[0], self.map.shape[1] + self.vec.shape[1], *self.map.shape[2:]))
+
+    def dense(self) -> Tensor:
+        "The condition as one tensor: `vec` repeated at every position after `map`'s channels."
+        v = self.vec.view(*self.vec.shape, *(1,) * (self.map.dim() - 2)).expand(-1, -1, *self.map.shape[2:])
+        return torch.cat([self.map, v], 1)
+
 # %% ../nbs/04_flows.ipynb #0f98a1de
-def _as_cond(c, name:str) -> Tensor|None:
-    "Accept a condition as None, a tensor, or FrEIA-style list of tensors (concatenated along channels)."
-    if c is None: return None
+def _as_cond(c, name:str) -> Tensor|BroadcastCond|None:
+    "Accept a condition as None, a tensor, a `BroadcastCond`, or FrEIA-style list of tensors (concatenated along channels)."
+    if c is None or isinstance(c, BroadcastCond): return c
     if isinstance(c, (list, tuple)):
         if len(c) == 0: return None
         return torch.cat(list(c), 1) if len(c) > 1 else c[0]
     if not torch.is_tensor(c): raise TypeError(f"{name}: condition must be a Tensor or a list of Tensors, got {type(c)}")
     return c
+
+# %% ../nbs/04_flows.ipynb #92533880
+def _tap_mask(n:int, k:int, stride:int, pad:int, dil:int, like:Tensor) -> Tensor:
+    "(n_out, k) 0/1 matrix: does kernel tap j of output position i read inside [0, n)?"
+    i = torch.arange((n + 2 * pad - dil * (k - 1) - 1) // stride + 1, device=like.device)[:, None]
+    src = i * stride - pad + dil * torch.arange(k, device=like.device)[None]
+    return ((src >= 0) & (src < n)).to(like.dtype)
+
+def conv_broadcast(conv:nn.Conv2d, # the convolution (groups=1, zero padding)
+                   x:Tensor, # (B,C_m,H,W) leading input channels
+                   vec:Tensor, # (B,C_v) trailing input channels, the same at every position
+                  ) -> Tensor:
+    "`conv(cat([x, vec repeated over H x W]))` without building or convolving the repeated channels."
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError("conv_broadcast: needs groups=1 and numeric zero padding")
+    w, cm = conv.weight, x.shape[1]
+    if cm + vec.shape[1] != w.shape[1]:
+        raise ValueError(f"conv_broadcast: {cm} map + {vec.shape[1]} vector channels != the conv's {w.shape[1]} inputs")
+    w_map, w_vec = torch.split(w, [cm, vec.shape[1]], 1)   # split: its backward writes one weight gradient, no zero-filled copies
+    y = F.conv2d(x, w_map, conv.bias, conv.stride, conv.padding, conv.dilation)
+    taps = torch.einsum("bc,ocij->boij", vec.to(y.dtype), w_vec.to(y.dtype))  # W_k p for every tap k
+    rows = _tap_mask(x.shape[2], w.shape[2], conv.stride[0], conv.padding[0], conv.dilation[0], y)
+    cols = _tap_mask(x.shape[3], w.shape[3], conv.stride[1], conv.padding[1], conv.dilation[1], y)
+    return y + torch.einsum("hi,boij,wj->bohw", rows, taps, cols)
 
 # %% ../nbs/04_flows.ipynb #ce5e4bf6
 def _global_affine_init(kind:str, init:float) -> float:
@@ -172,23 +217,28 @@ def scale(self:AllInOneBlock) -> Tensor:
     return torch.exp(b)
 
 @patch
-def _global_affine(self:AllInOneBlock, u:Tensor, rev:bool) -> Tensor:
-    "y = W (Psi * u + b), or its inverse u = (W^T y - b) / Psi for `rev`, broadcast over the input's rank."
+def _global_affine(self:AllInOneBlock, u:Tensor, rev:bool, psi:Tensor|None=None) -> Tensor:
+    "y = W (Psi * u + b), or its inverse u = (W^T y - b) / Psi for `rev`; `psi`: Psi if already computed."
     view = (1, self.channels) + (1,) * (u.dim() - 2)
-    scale, offset = self.scale().view(view), self.global_offset.view(view)
+    scale, offset = (self.scale() if psi is None else psi).view(view), self.global_offset.view(view)
     if rev: return (self._mix(u, rev=True) - offset) / scale
     return self._mix(u * scale + offset, rev=False)
 
 @patch
-def _global_logdet(self:AllInOneBlock, x:Tensor, rev:bool) -> Tensor:
+def _global_logdet(self:AllInOneBlock, x:Tensor, rev:bool, psi:Tensor|None=None) -> Tensor:
     "n_pix * sum_c log Psi_c (negated for the inverse)."
-    return (-1) ** rev * math.prod(x.shape[2:]) * torch.log(self.scale()).sum()
+    return (-1) ** rev * math.prod(x.shape[2:]) * torch.log(self.scale() if psi is None else psi).sum()
 
 # %% ../nbs/04_flows.ipynb #2a3a5769
 @patch
 def _scale_shift(self:AllInOneBlock, x1:Tensor, c:Tensor|None) -> tuple[Tensor, Tensor]:
     "Return the clamped log-scale s and the shift t from the passive half and the condition."
-    a = self.subnet(torch.cat([x1, c], 1) if c is not None else x1) * 0.1  # [code] freia 0.2: a *= 0.1
+    if isinstance(c, BroadcastCond):   # ours: constant channels handled as a vector where the subnet can
+        a = (self.subnet(torch.cat([x1, c.map], 1), c.vec) if getattr(self.subnet, "broadcast", False)
+             else self.subnet(torch.cat([x1, c.dense()], 1)))
+    else: a = self.subnet(torch.cat([x1, c], 1) if c is not None else x1)
+    # under mixed precision (autocast) the subnet runs in bf16/fp16; coupling and log-det stay in x's float32
+    a = a.to(x1.dtype) * 0.1  # [code] freia 0.2: a *= 0.1
     ch = self.splits[1]
     a_s = a[:, :ch] if self.clamp_variant == "freia0.2" else a[:, :ch] / self.clamp
     return self.clamp * torch.tanh(a_s), a[:, ch:]  # freia 0.2 clamp: alpha*tanh(0.1*subnet)
@@ -222,16 +272,17 @@ def _check(self:AllInOneBlock, x:Tensor, c:Tensor|None):
 @patch
 def forward(self:AllInOneBlock,
             x:Tensor, # (B,C,H,W) map or (N,C) vectors (any rank >= 2)
-            c:Tensor|list|None=None, # condition (B,C_c,<same spatial size>) or a list of them
+            c:Tensor|list|BroadcastCond|None=None, # condition (B,C_c,<same spatial size>), a list of them, or a `BroadcastCond`
             rev:bool=False, # run the inverse
            ) -> tuple[Tensor, Tensor]: # output, log|det J| of shape (B,)
     "Run the block forward (x -> y) or inverse (y -> x); return the output and the log-determinant."
     c = _as_cond(c, type(self).__name__)
     self._check(x, c)
-    if rev: x = self._global_affine(x, rev=True)
+    psi = self.scale()   # once per call: the affine and its log-det share it
+    if rev: x = self._global_affine(x, rev=True, psi=psi)
     out, log_det = self._couple(x, c, rev)
-    if not rev: out = self._global_affine(out, rev=False)
-    return out, log_det + self._global_logdet(x, rev)
+    if not rev: out = self._global_affine(out, rev=False, psi=psi)
+    return out, log_det + self._global_logdet(x, rev, psi=psi)
 
 @patch
 def extra_repr(self:AllInOneBlock) -> str:
@@ -330,13 +381,15 @@ def forward(self:FusionSubnet, hs:list[Tensor], c:Tensor|None=None) -> list[tupl
     "Return per-scale (s, t) from the list of driving halves and the coarsest-scale condition."
     coarse = hs[-1].shape[-2:]
     # the condition has the coarsest size, so pooling it is the identity (authors concat before pooling)
-    pooled = [F.adaptive_avg_pool2d(h, coarse) for h in hs] + ([c] if c is not None else [])
-    f = self.conv1(torch.cat(pooled, 1))
+    bc = isinstance(c, BroadcastCond)
+    pooled = [F.adaptive_avg_pool2d(h, coarse) for h in hs] + ([c.map if bc else c] if c is not None else [])
+    f = conv_broadcast(self.conv1, torch.cat(pooled, 1), c.vec) if bc else self.conv1(torch.cat(pooled, 1))
     f = rearrange(self.norm(rearrange(f, "b c h w -> b h w c")), "b h w c -> b c h w")
     f = F.relu(self.conv2(F.relu(f)))
     fs = torch.split(f, self.in_channels, 1)
     fs = [h + F.interpolate(a, size=h.shape[-2:], mode="bilinear", align_corners=True) for h, a in zip(hs, fs)]
-    return [(cs(a), ct(a)) for cs, ct, a in zip(self.conv_s, self.conv_t, fs)]
+    # s and t in the maps' dtype: under autocast the convolutions run in bf16/fp16, the coupling in float32
+    return [(cs(a).to(h.dtype), ct(a).to(h.dtype)) for cs, ct, a, h in zip(self.conv_s, self.conv_t, fs, hs)]
 
 # %% ../nbs/04_flows.ipynb #1b546e1c
 class FusionCoupling(nn.Module):

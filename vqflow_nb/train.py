@@ -22,7 +22,7 @@ from .core import exists, default, get_device, seed_everything, hash_dict, recor
 __all__ = ['METRICS', 'Scores', 'Schedule', 'make_optimizer', 'set_lr', 'collect_scores', 'degenerate_checks', 'metric_table',
            'evaluate', 'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'run_spec', 'dist_info',
            'is_main_process', 'init_distributed', 'global_batches', 'shard_batches', 'synced_codebooks', 'GradientSync',
-           'Parallel', 'data_parallel', 'DegenerateWarning', 'fit']
+           'Parallel', 'data_parallel', 'Amp', 'DegenerateWarning', 'fit']
 
 # %% ../nbs/20_train.ipynb #1522f110
 class Scores(NamedTuple):
@@ -51,6 +51,7 @@ class Schedule:
     clip_grad:float|None = None # max gradient norm (None: no clipping)
     eval_every:int = 1 # evaluate on the test set every this many epochs (and always after the last)
     drop_last:bool = True # VQ-Flow and HGAD drop the last incomplete batch (BatchNorm needs >= 2 samples)
+    precision:str = 'fp32' # ours: 'fp32' (all three authors' runs), 'bf16' (autocast; CPU or CUDA) or 'fp16' (CUDA autocast + GradScaler)
 
     def lr_factor(self, epoch:int) -> float:
         "Multiplier of `lr` during (0-based) `epoch`."
@@ -233,11 +234,17 @@ def _selection_score(t:pd.DataFrame) -> float:
     return float(np.nansum([t.loc['mean', 'i_auroc'], t.loc['mean', 'p_auroc']]))
 
 # %% ../nbs/20_train.ipynb #91967826
+def _schedule_spec(sch:Schedule) -> dict:
+    "The schedule's fields; `precision` only when it is not the default fp32 (runs from before the option keep their identity)."
+    d = asdict(sch)
+    if d.get('precision') == 'fp32': d.pop('precision')
+    return d
+
 def run_spec(method:nn.Module, sch:Schedule, seed:int, train_store, test_store=None) -> dict:
     "What identifies a training run (see above): a JSON-able dict."
     cfg = getattr(method, 'cfg', None)
     return dict(method=type(method).__name__, config=asdict(cfg) if cfg is not None and hasattr(cfg, '__dataclass_fields__') else None,
-                schedule=asdict(sch), seed=seed, train_data=getattr(train_store, 'key', None),
+                schedule=_schedule_spec(sch), seed=seed, train_data=getattr(train_store, 'key', None),
                 test_data=getattr(test_store, 'key', None) if exists(test_store) else None)
 
 def _check_spec(ckpt:Path, stored:dict|None, spec:dict):
@@ -403,18 +410,51 @@ def data_parallel(method:nn.Module, params:list, device:torch.device, sch:Schedu
         finally:
             if par.grad_sync is not None: par.grad_sync.remove()
 
+# %% ../nbs/20_train.ipynb #a0955c07
+class Amp:
+    "Mixed precision of a run (`Schedule.precision`): the autocast context and, for fp16, the gradient scaler."
+    def __init__(self, precision:str, # 'fp32', 'bf16' or 'fp16'
+                 device:torch.device):
+        if precision not in ('fp32', 'bf16', 'fp16'):
+            raise ValueError(f"precision={precision!r}: expected 'fp32', 'bf16' or 'fp16'")
+        device = torch.device(device)
+        if precision == 'fp16' and device.type != 'cuda':
+            raise ValueError("precision='fp16' needs a CUDA device (on CPU use 'bf16')")
+        if precision == 'bf16' and device.type == 'cpu' and not _cpu_bf16():
+            warnings.warn("precision='bf16': this CPU has no native bfloat16 (AVX-512-BF16/AMX); expect it to be slower than fp32")
+        self.precision, self.device = precision, device
+        self.dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == 'fp16' else None
+
+    def autocast(self):
+        "The context the loss runs in (a no-op for fp32)."
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+
+def _cpu_bf16() -> bool:
+    "Does oneDNN run bfloat16 natively on this CPU?"
+    try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception: return False
+
 # %% ../nbs/20_train.ipynb #5b393ef9
-def _step(method:nn.Module, batch:dict, opt, sch:Schedule, params:list, loss_fn=None) -> dict:
+def _step(method:nn.Module, batch:dict, opt, sch:Schedule, params:list, loss_fn=None, amp:Amp|None=None) -> dict:
     "One optimisation step: the method's own `training_step`, else loss (`loss_fn`: its DDP wrapper), backward, clipping, step."
-    if hasattr(method, 'training_step'): return method.training_step(batch['feats'], batch, opt, sch)
-    parts = (loss_fn or method.loss)(batch['feats'], batch)
-    opt.zero_grad(set_to_none=True); parts['loss'].backward()
+    scaler = amp.scaler if amp is not None else None
+    ctx = amp.autocast() if amp is not None else contextlib.nullcontext()
+    if hasattr(method, 'training_step'):
+        if scaler is not None: raise ValueError(f"precision='fp16' needs the trainer's backward; {type(method).__name__} has its own training_step (use 'bf16')")
+        with ctx: return method.training_step(batch['feats'], batch, opt, sch)
+    with ctx: parts = (loss_fn or method.loss)(batch['feats'], batch)
+    opt.zero_grad(set_to_none=True)
+    loss = parts['loss'].float()
+    if scaler is None: loss.backward()
+    else: scaler.scale(loss).backward(); scaler.unscale_(opt)   # clip the true gradients
     if sch.clip_grad: torch.nn.utils.clip_grad_norm_(params, sch.clip_grad)
-    opt.step()
+    if scaler is None: opt.step()
+    else: scaler.step(opt); scaler.update()   # skips the step if a gradient is inf/nan
     return parts
 
 def _train_epoch(method, store, opt, sch:Schedule, params:list, epoch:int, seed:int, device, bar=None,
-                 progress:bool=True, par:Parallel|None=None) -> dict:
+                 progress:bool=True, par:Parallel|None=None, amp:Amp|None=None) -> dict:
     "One pass over the training set (shuffled by a generator of (seed, epoch), so a resumed run sees the same order)."
     method.train(); t0, sums, n = time.time(), {}, 0
     dl = (_loader(store, sch.batch_size, shuffle=True, drop_last=sch.drop_last, generator=_epoch_generator(seed, epoch))
@@ -425,7 +465,7 @@ def _train_epoch(method, store, opt, sch:Schedule, params:list, epoch:int, seed:
     for i, batch in enumerate(tqdm(dl, desc=f'epoch {epoch+1}', leave=False, disable=not progress)):
         if per_iter is not None: set_lr(opt, sch, per_iter(epoch, i, len(dl)))
         if par is not None and par.grad_sync is not None: _broadcast_(list(method.buffers()))   # DDP's broadcast_buffers
-        parts = _step(method, _to_device(batch, device), opt, sch, params, None if par is None else par.loss_fn)
+        parts = _step(method, _to_device(batch, device), opt, sch, params, None if par is None else par.loss_fn, amp)
         if not torch.isfinite(parts['loss']): raise FloatingPointError(f'non-finite loss at epoch {epoch}: {parts}')
         for k, v in parts.items(): sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         n += 1
@@ -471,12 +511,14 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
     if device.type == 'cpu': cpu_memory_mode()   # lower peak resident memory (see 00_core)
     groups = method.param_groups(sch) if hasattr(method, 'param_groups') else [dict(params=[p for p in method.parameters() if p.requires_grad])]
     opt = make_optimizer(groups, sch); params = [p for g in opt.param_groups for p in g['params']]
+    amp = Amp(sch.precision, device)
     res, spec, start = FitResult(history=[], evals={}, schedule=sch), run_spec(method, sch, seed, train_store, test_store), 0
     ckpt = Path(out_dir)/'checkpoints'/'last.pt' if exists(out_dir) else None
     main = is_main_process()
     if exists(ckpt) and ckpt.exists() and resume:
         st = load_checkpoint(ckpt, device); _check_spec(ckpt, st.get('run_spec'), spec)
         method.load_state_dict(st['model']); opt.load_state_dict(st['optimizer']); _set_rng_state(st['rng'])
+        if amp.scaler is not None and st.get('scaler') is not None: amp.scaler.load_state_dict(st['scaler'])
         res.history, res.evals, start = st['history'], st['evals'], st['epoch'] + 1
         res.last_epoch, res.best_epoch, res.degenerate = st['last_epoch'], st['best_epoch'], st.get('degenerate', {})
         if progress and main: print(f'resumed from {ckpt} after epoch {start}')
@@ -486,13 +528,14 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
     bar = tqdm(range(start, stop), desc=type(method).__name__, disable=not progress, initial=start, total=sch.epochs)
     with (data_parallel(method, params, device, sch) if parallel else contextlib.nullcontext()) as par:
         for epoch in bar:
-            res.history.append(_train_epoch(method, train_store, opt, sch, params, epoch, seed, device, bar, progress, par))
+            res.history.append(_train_epoch(method, train_store, opt, sch, params, epoch, seed, device, bar, progress, par, amp))
             if exists(test_store) and ((epoch + 1) % sch.eval_every == 0 or epoch + 1 == sch.epochs):
                 t = evaluate(method, test_store, names, eval_batch_size, device, aupro_variant, progress) if main else None
                 _record_eval(res, t if par is None else par.broadcast(t), epoch, progress)
             if exists(ckpt) and main:
                 save_checkpoint(ckpt, model=method.state_dict(), optimizer=opt.state_dict(), rng=_rng_state(), epoch=epoch,
                                 history=res.history, evals=res.evals, last_epoch=res.last_epoch, best_epoch=res.best_epoch,
-                                degenerate=res.degenerate, run_spec=spec)
+                                degenerate=res.degenerate, run_spec=spec,
+                                scaler=amp.scaler.state_dict() if amp.scaler is not None else None)
     bar.close()
     return res

@@ -1,0 +1,531 @@
+#!/usr/bin/env python
+"""Ours vs the authors' VQ-Flow at the same maths: identical weights, identical inputs, one process, alternating timings.
+
+The authors' code comes from a checkout of cool-xuan/vqflow that the user provides (`--authors DIR`); its files are
+imported as they are, never copied or edited. Their `train.py:train` builds the models (we stop it at the first
+`train_meta_epoch` call and keep what it built); their `train_meta_epoch` is the timed training step and their
+`inference_meta_epoch` + `post_process.py:post_process` the timed inference. What would need the internet is replaced:
+the backbone (`models/extractors.py:build_extractor`) by identical random feature maps at the backbone's widths
+(the flows, codebooks and prior are what is compared), and `wandb` by an empty module. Their datasets are never read.
+
+Steps: (1) build theirs, transplant every weight and buffer into `vqflow_nb.vqflow.VQFlow`; (2) one training-mode
+forward on each: max |difference| of the loss, latents and log-det, and of the gradients; (3) inference on each from
+the same state: max |difference| of the image scores and both maps; (4) time training steps and inference
+alternately (A B, B A, ... after warm-ups) and print the per-pair ratios theirs/ours (median, min, max);
+(5) peak memory per side, each in its own process (VmHWM on CPU, torch.cuda.max_memory_allocated on CUDA).
+Variants named with `--variants` are ours with a change not (yet) in the package, patched in here (see VARIANTS).
+Writes <out>.json and <out>.md (default results/benchmarks/vs_authors).
+"""
+from __future__ import annotations
+import argparse, contextlib, io, json, os, platform, statistics, subprocess, sys, time, types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
+
+# the authors' configuration: README command (--multi-class --quantize-enable --quantize-type residual --concat-pos
+# --mixed-gaussian --extractor convnextv2_base) over `main.py:parsing_args` defaults and `default.py`
+SIZES = dict(
+    authors=dict(channels=(128, 256, 512, 1024), input=384, batch=4, dim_cpc=512, pe=64, k_cpc=32, k_cspc=512, blocks=(2, 5, 8)),
+    small=dict(channels=(32, 64, 128, 256), input=128, batch=2, dim_cpc=64, pe=16, k_cpc=8, k_cspc=64, blocks=(2, 2, 2)),
+    smoke=dict(channels=(8, 16, 32, 64), input=64, batch=2, dim_cpc=16, pe=8, k_cpc=4, k_cspc=16, blocks=(1, 2, 2)),
+)
+
+def cpu_info() -> dict:
+    "CPU model and the SIMD flags that decide float32/bf16 throughput."
+    flags, model = set(), platform.processor()
+    try:
+        for l in open('/proc/cpuinfo'):
+            if l.startswith('flags') and not flags: flags = set(l.split(':', 1)[1].split())
+            if l.startswith('model name'): model = l.split(':', 1)[1].strip()
+    except OSError: pass
+    keep = sorted(f for f in flags if f in ('avx2', 'fma', 'f16c') or f.startswith(('avx512', 'amx', 'avx_vnni')))
+    return dict(model=model, cpus=os.cpu_count(), flags=keep)
+
+def env_info(device) -> dict:
+    import torch
+    d = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+             threads=torch.get_num_threads(), cpu=cpu_info(), device=str(device))
+    try: d['cpu_capability'] = torch.backends.cpu.get_cpu_capability()
+    except Exception: pass
+    if device.type == 'cuda': d['gpu'] = torch.cuda.get_device_name(device)
+    return d
+
+# ---------------------------------------------------------------------------------------------------------------
+# the authors' side
+def import_authors(authors_dir:str):
+    "Import the authors' `train`, `post_process` from their checkout; stub modules that are absent here (logging only)."
+    d = str(Path(authors_dir).resolve())
+    if not Path(d, 'train.py').exists(): raise SystemExit(f'--authors {authors_dir}: no train.py there (a checkout of cool-xuan/vqflow?)')
+    if d not in sys.path: sys.path.insert(0, d)
+    for name in ('wandb',):   # experiment logging: needs an account and the internet, off in the README commands
+        try: __import__(name)
+        except ImportError: sys.modules[name] = types.ModuleType(name)
+    # evaluation-only imports of theirs (datasets, metrics): stubbed only where the package is missing (GPU machines)
+    for name, attrs in (('sklearn.metrics', ('roc_auc_score', 'auc', 'precision_recall_curve')),
+                        ('skimage.measure', ('label', 'regionprops')),
+                        ('torchvision.transforms', ('InterpolationMode',)), ('PIL', ('Image',))):
+        try: __import__(name)
+        except ImportError:
+            for i, part in enumerate(name.split('.')):
+                full = '.'.join(name.split('.')[:i + 1])
+                sys.modules.setdefault(full, types.ModuleType(full))
+            for a in attrs: setattr(sys.modules[name], a, None)
+    import train as A, post_process as P
+    return A, P
+
+class _Captured(Exception):
+    def __init__(self, models, params, optimizer): self.models, self.params, self.optimizer = models, params, optimizer
+
+class _NoData(list):
+    "Stands in for their datasets: `train` only wraps it in a DataLoader before we stop it."
+    def __init__(self, c, is_train=True): super().__init__([0])
+
+def authors_config(size:dict, device):
+    "The namespace their `train` reads: `default.py`, overridden by `main.py:parsing_args` defaults and the README flags."
+    c = types.SimpleNamespace()
+    import default as D   # their default.py (plain constants)
+    for k, v in vars(D).items():
+        if not k.startswith('_') and not isinstance(v, types.ModuleType): setattr(c, k, v)
+    c.__dict__.update(dict(
+        dataset='mvtec', input_size=(size['input'],) * 2, pre_extract=False, mode='train', multi_class=True,
+        amp_enable=False, wandb_enable=False, resume=False, eval_ckpt='', class_names=['x'], lr=1e-4,
+        batch_size=size['batch'], meta_epochs=30, sub_epochs=1, extractor='convnextv2_base', pool_type='avg',
+        parallel_blocks=list(size['blocks']), c_conds=[64, 64, 64], loc_eval=False, pro_eval=False, pro_eval_interval=4,
+        quantize_enable=True, quantize_type='residual', no_pattern_quantize=False, concat_pos=True,
+        reassign_quantize=False, quantize_weight=1., dim_cpc=size['dim_cpc'], c_pos_conds=[size['pe']] * 3,
+        k_cspc=size['k_cspc'], k_cpc=size['k_cpc'], mixed_gaussian=True, device=device, workers=0,
+        ckpt_dir='/nonexistent', version_name='vs_authors',
+        # `models/flow_models.py:build_vqflow_model` reads c.condition_blocks, which neither default.py nor the
+        # argparse defines (the released code raises AttributeError there); it is only printed, so any 3 values do
+        condition_blocks=[0, 0, 0]))
+    return c
+
+def build_authors(A, c, channels):
+    "Run their `train.train(c)` until it has built models and optimiser; return (models, params, optimizer)."
+    A.MultiClassDataset = A.MVTecDataset = A.MVTecFeatureDataset = A.VisADataset = _NoData
+    import torch.nn as nn
+    A.build_extractor = lambda c: (nn.Identity(), list(channels))   # the backbone is replaced by given feature maps
+    def stop(c, epoch, loader, extractor, models, params, optimizer, *a, **k): raise _Captured(models, params, optimizer)
+    A.train_meta_epoch = stop
+    try:
+        with contextlib.redirect_stdout(io.StringIO()): A.train(c)
+    except _Captured as e: return e.models, e.params, e.optimizer
+    raise RuntimeError("the authors' train() returned without starting an epoch")
+
+class _Loader(list):
+    "A one-batch loader for their epoch functions (they read `len(loader.dataset)`)."
+    @property
+    def dataset(self): return [None] * len(self[0][-1])
+
+def authors_batch(feats):
+    import torch
+    B = feats[0].shape[0]
+    return _Loader([(*feats, torch.zeros(B, dtype=torch.long), torch.zeros(B, 1, 1, 1), torch.zeros(B, dtype=torch.long))])
+
+def authors_extractor(*feats): return list(feats)   # `train.py:extract_features` calls extractor(*inputs)
+
+# the authors' train_meta_epoch (unpatched) is kept before build_authors replaces the module attribute
+_AUTHORS_EPOCH = {}
+
+def authors_train_step(A, c, models, params, opt, loader):
+    "One optimisation step by their `train_meta_epoch` (sub_epochs=1, a one-batch loader)."
+    with contextlib.redirect_stdout(io.StringIO()):
+        _AUTHORS_EPOCH['train'](c, 0, loader, authors_extractor, models, params, opt, None, None, None)
+
+def authors_infer(A, P, c, models, loader):
+    "Their inference on one batch: `inference_meta_epoch` then `post_process` (image score, add map, mul map)."
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, _, outputs, sizes = A.inference_meta_epoch(c, 0, loader, authors_extractor, models)
+        return P.post_process(c, sizes, outputs)
+
+def authors_forward(A, c, models, feats):
+    "Their `model_forward`: (latents, log-det, commitment)."
+    z, jac, diff, _, _ = A.model_forward(c, authors_extractor, models, list(feats))
+    return z, jac, diff
+
+def authors_loss(z, jac, diff, c):
+    "Their loss as written in `train_meta_epoch`."
+    loss = 0.
+    for zz in z: loss += 0.5 * (zz ** 2).sum((1, 2, 3))
+    return (loss - jac).mean() + diff * c.quantize_weight
+
+# ---------------------------------------------------------------------------------------------------------------
+# transplant
+def transplant(models, ours):
+    "Copy every weight and buffer of their ModuleDict into our VQFlow (raises on anything left over)."
+    import torch
+    sd, mapped = models.state_dict(), {}
+    n_scales = len(ours.flows)
+    def put(src_prefix, dst_prefix, rename=lambda k: k):
+        for k, v in sd.items():
+            if k.startswith(src_prefix): mapped[dst_prefix + rename(k[len(src_prefix):])] = v
+    put('semantic_mlp.', 'codebooks.cpc.semantic_mlp.')
+    put('cpc_quantizer.', 'codebooks.cpc.codebook.')
+    put('semantic_encoder.', 'codebooks.semantic_encoder.')
+    for l in range(n_scales):
+        put(f'feature_mlps.{l}.', f'codebooks.cspcs.{l}.feature_mlp.')
+        put(f'cspc_quantizers.{l}.', f'codebooks.cspcs.{l}.codebook.')
+        put(f'upsamplers.{l}.1.', f'codebooks.cspcs.{l}.upsampler.')   # [0] is the nn.Upsample
+        # `sigma_mu_generator.forward` returns (sigma, mu) and `model_forward` unpacks (mu, sigma): their `.sigma`
+        # head is the mean and `.mu` the scale
+        put(f'sigma_mu_generators.{l}.sigma.', f'prior.mu.{l}.')
+        put(f'sigma_mu_generators.{l}.mu.', f'prior.sigma.{l}.')
+    put(f'feature_mlps.{n_scales}.', 'codebooks.top_cspc.feature_mlp.')
+    put(f'cspc_quantizers.{n_scales}.', 'codebooks.top_cspc.codebook.')
+    missing, unexpected = ours.load_state_dict(mapped, strict=False)
+    left = [k for k in missing if not k.startswith(('flows.', 'fusion.'))]
+    if unexpected or left: raise RuntimeError(f'transplant: unexpected {unexpected}, not filled {left}')
+    for l, flow in enumerate(models['parallel_flows']):
+        for k, blk in enumerate(flow.module_list): ours.flows[l].blocks[k].load_freia_state_dict(blk.state_dict())
+    with torch.no_grad():
+        for node in models['fusion_flow'].node_list:
+            if node.name.startswith('permute_'):
+                l = int(node.name.split('_')[1])
+                getattr(ours.fusion, f'perm_{l}').copy_(node.module.perm)
+                getattr(ours.fusion, f'perm_inv_{l}').copy_(torch.argsort(node.module.perm))
+            elif node.name == 'fusion flow':
+                for i in (1, 2):
+                    sub = {k.replace('cross_convs.', ''): v for k, v in getattr(node.module, f'subnet_{i}').state_dict().items()}
+                    getattr(ours.fusion, f'subnet_{i}').load_state_dict(sub, strict=True)
+    # trainable parameters must match one to one (permutations are stored differently: matrices there, indices here)
+    n_theirs = sum(p.numel() for p in models.parameters() if p.requires_grad)
+    n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    if n_theirs != n_ours: raise RuntimeError(f'transplant: {n_theirs} parameters theirs vs {n_ours} ours')
+    return n_theirs
+
+# ---------------------------------------------------------------------------------------------------------------
+# our side and its variants
+def ours_model(size:dict, device):
+    from vqflow_nb.vqflow import VQFlow, VQFlowConfig
+    cfg = VQFlowConfig.for_channels(list(size['channels']), proto_dim=size['dim_cpc'], pe_dim=size['pe'], k_cpc=size['k_cpc'],
+                                    k_cspc=size['k_cspc'], depths=tuple(size['blocks']), seed=0)
+    return VQFlow(cfg).to(device)
+
+def ours_optimizer(model):
+    from vqflow_nb.train import make_optimizer, Schedule
+    sch = Schedule(lr=1e-4, clip_grad=2.0)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], sch)
+    return opt, sch
+
+def ours_train_step(model, opt, sch, feats, amp=None):
+    "The trainer's step (`vqflow_nb.train._step`): loss (under `amp`'s autocast), backward, clip 2.0, Adam (fused where available)."
+    from vqflow_nb.train import _step
+    model.train()
+    return _step(model, dict(feats=feats), opt, sch, [p for g in opt.param_groups for p in g['params']], amp=amp)
+
+def ours_infer(model, feats, out_size):
+    "`VQFlow.score` on one batch, results brought to numpy as the authors' `post_process` does."
+    import torch
+    model.eval()
+    with torch.no_grad():
+        s = model.score(feats, None, out_size=out_size)
+    return s.image.float().cpu().numpy(), s.pixel.float().cpu().numpy(), s.pro.float().cpu().numpy()
+
+def _patch_variant(model, name:str):
+    """Apply a named variant to `model` (instance-level patches; the package is untouched); return its `train.Amp` or
+    None. Parts after 'ours': bcond (BroadcastCond conditions, see `_patch_broadcast_cond`), cl (channels_last
+    subnets), compile (torch.compile of every flow subnet), bf16 / fp16 (the trainer's mixed precision)."""
+    import torch
+    parts = set(name.split('+')[1:])
+    unknown = parts - {'bcond', 'cl', 'compile', 'bf16', 'fp16'}
+    if not name.startswith('ours') or unknown: raise ValueError(f'unknown variant {name!r} ({unknown})')
+    from vqflow_nb import flows as F_
+    subnets = [m for m in model.modules() if isinstance(m, (F_.ConvLNSubnet, F_.FusionSubnet))]
+    if 'bcond' in parts: _patch_broadcast_cond(model)
+    if 'cl' in parts:
+        for m in subnets: m.to(memory_format=torch.channels_last)
+    if 'compile' in parts:
+        for m in subnets: m.compile(dynamic=False)
+    amp = None
+    for prec in ('bf16', 'fp16'):
+        if prec in parts:
+            from vqflow_nb.train import Amp
+            amp = Amp(prec, next(model.parameters()).device)
+    return amp
+
+def _autocast(amp): return amp.autocast() if amp is not None else contextlib.nullcontext()
+
+def _patch_broadcast_cond(model):
+    """Proposed change to `VQFlow.forward` (nbs/10_vqflow.ipynb): hand the flows the prototype part of the condition as
+    a per-image vector (`flows.BroadcastCond`) instead of a map repeated over every position. Same maths; the
+    flows' first convolutions then skip the 512 constant channels (summation order changes, values agree to float
+    rounding)."""
+    import types as _t, torch
+    from vqflow_nb.flows import BroadcastCond
+    from vqflow_nb.core import exists
+    P = model.cfg.proto_dim
+    def forward(self, feats):
+        xs, cb = self.conditions(feats)
+        proto = cb['proto']
+        zs, log_det = [], feats[3].new_zeros(feats[3].shape[0])
+        for flow, x, cond in zip(self.flows, xs, cb['conds']):
+            z, ld = flow(x, BroadcastCond(cond[:, :-P], proto)); zs.append(z); log_det = log_det + ld
+        if exists(self.prior):
+            zs, ld = self.prior(zs, cb['proto']); log_det = log_det + ld
+        fc = cb['fusion_cond']
+        zs, ld = self.fusion(zs, BroadcastCond(fc[:, :-P], proto))
+        return dict(zs=zs, log_det=log_det + ld, commit=cb['commit'], proto_index=cb['proto_index'], pattern_index=cb['indices'])
+    model.forward = _t.MethodType(forward, model)
+
+# ---------------------------------------------------------------------------------------------------------------
+def make_feats(size:dict, device, seed=0):
+    "Identical random backbone maps at the backbone's widths and strides 4/8/16/32 (what both sides consume)."
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    B, S = size['batch'], size['input']
+    return [torch.randn(B, c, S // s, S // s, generator=g).to(device) for c, s in zip(size['channels'], (4, 8, 16, 32))]
+
+def sync(device):
+    import torch
+    if device.type == 'cuda': torch.cuda.synchronize(device)
+
+def timed(fn, device):
+    sync(device); t = time.perf_counter(); fn(); sync(device); return time.perf_counter() - t
+
+def maxdiff(a, b) -> float:
+    import torch, numpy as np
+    a = a.detach().float().cpu().numpy() if torch.is_tensor(a) else np.asarray(a, dtype=np.float64)
+    b = b.detach().float().cpu().numpy() if torch.is_tensor(b) else np.asarray(b, dtype=np.float64)
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+def setup(args, device):
+    "Both sides built, weights transplanted; returns a dict of everything."
+    import torch
+    A, P = import_authors(args.authors)
+    _AUTHORS_EPOCH.setdefault('train', A.train_meta_epoch)
+    size = SIZES[args.size]
+    torch.manual_seed(0)
+    import numpy as np; np.random.seed(0)
+    c = authors_config(size, device)
+    models, params, opt_a = build_authors(A, c, size['channels'])
+    ours = ours_model(size, device)
+    n = transplant(models, ours)
+    return dict(A=A, P=P, c=c, size=size, models=models, params=params, opt_a=opt_a, ours=ours, n_numbers=n)
+
+def equivalence(S, feats, device) -> dict:
+    "Same state, same inputs: max |theirs - ours| of loss, latents, log-det, gradients, image scores and maps."
+    import torch, copy
+    A, c, models, ours = S['A'], S['c'], S['models'], S['ours']
+    sd_a, sd_o = copy.deepcopy(models.state_dict()), copy.deepcopy(ours.state_dict())
+    models.train(); ours.train()
+    z_a, jac_a, diff_a = authors_forward(A, c, models, feats)
+    loss_a = authors_loss(z_a, jac_a, diff_a, c)
+    out = ours(feats)
+    from vqflow_nb.vqflow import flow_nll
+    loss_o = flow_nll(out['zs'], out['log_det']).mean() + ours.cfg.commit_weight * out['commit']
+    models.zero_grad(); ours.zero_grad(); loss_a.backward(); loss_o.backward()
+    # gradients of the first and last parallel-flow blocks' first conv, and of the fusion's first conv
+    ga = [models['parallel_flows'][0].module_list[0].subnet.conv1.weight.grad, models['parallel_flows'][-1].module_list[-1].subnet.conv1.weight.grad,
+          [n for n in models['fusion_flow'].node_list if n.name == 'fusion flow'][0].module.subnet_1.cross_convs.conv1.weight.grad]
+    go = [ours.flows[0].blocks[0].subnet.conv1.weight.grad, ours.flows[-1].blocks[-1].subnet.conv1.weight.grad, ours.fusion.subnet_1.conv1.weight.grad]
+    res = dict(loss_theirs=float(loss_a), loss_ours=float(loss_o), loss=abs(float(loss_a) - float(loss_o)),
+               latents=max(maxdiff(a, b) for a, b in zip(z_a, out['zs'])), log_det=maxdiff(jac_a, out['log_det']),
+               commit=abs(float(diff_a) - float(out['commit'])),
+               grad_rel=max(maxdiff(a, b) / max(float(a.abs().max()), 1e-30) for a, b in zip(ga, go)))
+    models.zero_grad(set_to_none=True); ours.zero_grad(set_to_none=True)
+    models.load_state_dict(sd_a); ours.load_state_dict(sd_o)   # the training forward moved the EMA codebooks
+    img_a, add_a, mul_a = authors_infer(A, S['P'], c, models, authors_batch(feats))
+    img_o, add_o, mul_o = ours_infer(ours, feats, c.input_size)
+    res.update(image_score=maxdiff(img_a, img_o), add_map=maxdiff(add_a, add_o), mul_map=maxdiff(mul_a, mul_o),
+               image_score_scale=float(abs(img_a).max()))
+    return res
+
+def ratios(ta, to) -> dict:
+    r = [a / b for a, b in zip(ta, to)]
+    return dict(pairs=len(r), median=statistics.median(r), min=min(r), max=max(r),
+                theirs_median_s=statistics.median(ta), ours_median_s=statistics.median(to))
+
+def timing(S, feats, device, pairs:int, warmup:int, variants:list, infer:bool=True) -> dict:
+    "Alternating timings (order swapped every pair) of theirs and each of our variants: training step and inference."
+    import torch, copy
+    A, P, c, models = S['A'], S['P'], S['c'], S['models']
+    loader = authors_batch(feats)
+    sides = {}
+    for v in variants:
+        m = S['ours'] if v == 'ours' else copy.deepcopy(S['ours'])
+        amp = _patch_variant(m, v)
+        opt, sch = ours_optimizer(m)
+        sides[v] = dict(model=m, amp=amp, opt=opt, sch=sch)
+    step = {'theirs': lambda: authors_train_step(A, c, models, S['params'], S['opt_a'], loader)}
+    inf = {'theirs': lambda: authors_infer(A, P, c, models, loader)}
+    for v, d in sides.items():
+        step[v] = (lambda d=d: ours_train_step(d['model'], d['opt'], d['sch'], feats, d['amp']))
+        inf[v] = (lambda d=d: _infer_ctx(d, feats, c.input_size))
+    out = {}
+    for what, fns in (('train_step', step), ('inference', inf)) if infer else (('train_step', step),):
+        for _ in range(warmup):
+            for f in fns.values(): f()
+        names, t = list(fns), {k: [] for k in fns}
+        for i in range(pairs):
+            for k in (names if i % 2 == 0 else names[::-1]): t[k].append(timed(fns[k], device))
+            print(f'  {what} pair {i + 1}/{pairs}: ' + ', '.join(f'{k} {t[k][-1]:.3f}s' for k in names), flush=True)
+        out[what] = dict(seconds=t, ratios={v: ratios(t['theirs'], t[v]) for v in sides})
+    return out
+
+def _infer_ctx(d, feats, out_size):
+    with _autocast(d['amp']): return ours_infer(d['model'], feats, out_size)
+
+# ---------------------------------------------------------------------------------------------------------------
+def memory_child(args):
+    """In a fresh process: build one side, run inference then training steps, print the peak of each as JSON.
+    Inference runs first (no optimiser state exists yet); the peak is reset before training (CUDA: the allocator's
+    statistics; CPU: VmHWM through /proc/self/clear_refs)."""
+    import torch, gc
+    device = torch.device(args.device)
+    S = setup(args, device)
+    feats = make_feats(S['size'], device)
+    side = args.child
+    if side == 'theirs': del S['ours']
+    else:
+        for k in ('models', 'params', 'opt_a'): del S[k]
+    gc.collect()
+    if side == 'theirs':
+        loader = authors_batch(feats)
+        modes = dict(inference=lambda: authors_infer(S['A'], S['P'], S['c'], S['models'], loader),
+                     train=lambda: authors_train_step(S['A'], S['c'], S['models'], S['params'], S['opt_a'], loader))
+    else:
+        m = S['ours']; amp = _patch_variant(m, side); opt, sch = ours_optimizer(m)
+        modes = dict(inference=lambda: _infer_ctx(dict(model=m, amp=amp), feats, S['c'].input_size),
+                     train=lambda: ours_train_step(m, opt, sch, feats, amp))
+    res = dict(side=side)
+    for mode, fn in modes.items():
+        sync(device); gc.collect()
+        if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
+        res[f'{mode}_rss_before_gb'], res[f'{mode}_reset'] = _rss_gb(), _reset_hwm()
+        for _ in range(args.mem_steps): fn()
+        sync(device)
+        res[f'{mode}_vmhwm_gb'] = _vmhwm_gb()
+        if device.type == 'cuda': res[f'{mode}_cuda_peak_gb'] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
+    print('MEMORY ' + json.dumps(res), flush=True)
+
+def _reset_hwm() -> bool:
+    "Reset VmHWM to the current resident size (Linux: write 5 to /proc/self/clear_refs)."
+    try:
+        with open('/proc/self/clear_refs', 'w') as f: f.write('5')
+        return True
+    except OSError: return False
+
+def _status(key):
+    try:
+        for l in open('/proc/self/status'):
+            if l.startswith(key): return int(l.split()[1]) / 1024 ** 2
+    except OSError: return None
+
+def _vmhwm_gb(): return _status('VmHWM')
+def _rss_gb(): return _status('VmRSS')
+
+def memory(args, sides:list, timeout=None) -> dict:
+    "Peak memory of each side (inference, then training) in its own process."
+    out = {}
+    for side in sides:
+        cmd = [sys.executable, __file__, '--authors', args.authors, '--device', args.device, '--size', args.size,
+               '--threads', str(args.threads), '--child', side, '--mem-steps', str(args.mem_steps)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+            line = [l for l in r.stdout.splitlines() if l.startswith('MEMORY ')]
+            out[side] = json.loads(line[0][7:]) if line and not r.returncode else dict(error=(r.stderr or r.stdout)[-2000:])
+        except subprocess.TimeoutExpired: out[side] = dict(error=f'timed out after {timeout} s')
+        print('  memory', side, out[side], flush=True)
+    return out
+
+# ---------------------------------------------------------------------------------------------------------------
+def write(res:dict, out:Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(out) + '.json').write_text(json.dumps(res, indent=1, default=str))
+    e, env = res['equivalence'], res['env']
+    L = ["# Ours vs the authors' VQ-Flow (one process, identical weights and inputs)", '',
+         f"Configuration `{res['size']}`: {res['size_spec']}. Machine: {env['cpu']['model']}, {env['cpu']['cpus']} CPUs, "
+         f"flags {' '.join(env['cpu']['flags'])}; torch {env['torch']} ({env.get('cpu_capability', '')}), {env['threads']} thread(s), "
+         f"device {env['device']}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}. {res['n_numbers']:,} trainable parameters (and all buffers) transplanted.", '',
+         '## Same numbers', '', '| quantity | max abs difference |', '|---|---|']
+    for k in ('loss', 'latents', 'log_det', 'commit', 'grad_rel', 'image_score', 'add_map', 'mul_map'):
+        L.append(f'| {k} | {e[k]:.3g} |')
+    L += ['', f"(loss {e['loss_theirs']:.6g} theirs, {e['loss_ours']:.6g} ours; grad_rel = max difference / max |grad| of three "
+          f"conv weights; image scores are of order {e['image_score_scale']:.3g}.)", '']
+    if 'timing' in res:
+        L += ['## Time (theirs / ours, per alternating pair; > 1 means ours is faster)', '',
+              '| what | variant | pairs | median | min | max | theirs median (s) | ours median (s) |', '|---|---|---|---|---|---|---|---|']
+        for what, d in res['timing'].items():
+            for v, r in d['ratios'].items():
+                L.append(f"| {what} | {v} | {r['pairs']} | {r['median']:.2f}× | {r['min']:.2f}× | {r['max']:.2f}× | "
+                         f"{r['theirs_median_s']:.3f} | {r['ours_median_s']:.3f} |")
+        L.append('')
+    if 'memory' in res:
+        key = 'cuda_peak_gb' if env['device'].startswith('cuda') else 'vmhwm_gb'
+        what = 'torch.cuda.max_memory_allocated' if key == 'cuda_peak_gb' else 'VmHWM, whole process, reset between modes'
+        cpu = key == 'vmhwm_gb'
+        L += [f"## Peak memory ({what}, GB; each side in its own process, inference first, then training)", '',
+              '| side | inference | of theirs | training | of theirs |' + (' training above start | of theirs |' if cpu else ''),
+              '|---|---|---|---|---|' + ('---|---|' if cpu else '')]
+        ref = res['memory'].get('theirs', {})
+        def above(m): return m['train_vmhwm_gb'] - m['train_rss_before_gb'] if m.get('train_vmhwm_gb') and m.get('train_rss_before_gb') else None
+        for side, m in res['memory'].items():
+            if 'error' in m: L.append(f'| {side} | error | | error | |'); continue
+            cells = []
+            for mode in ('inference', 'train'):
+                v, r = m.get(f'{mode}_{key}'), ref.get(f'{mode}_{key}')
+                cells += [f'{v:.2f}' if v is not None else '', f'{100 * v / r:.0f} %' if v is not None and r else '']
+            if cpu:
+                v, r = above(m), above(ref) if 'error' not in ref else None
+                cells += [f'{v:.2f}' if v is not None else '', f'{100 * v / r:.0f} %' if v is not None and r else '']
+            L.append(f"| {side} | " + ' | '.join(cells) + ' |')
+        L += ['', '(On CPU the whole-process peak includes Python, torch and the input features; "training above start" is '
+              'the training peak minus the resident size just before the first training step, i.e. what the step itself '
+              'adds: gradients, optimiser state and activations.)' if cpu else '', '']
+    L += [f"Command: `{res['command']}`", '']
+    Path(str(out) + '.md').write_text('\n'.join(L))
+    print('\n'.join(L))
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--authors', required=True, help='checkout of cool-xuan/vqflow (their files are imported, not copied)')
+    ap.add_argument('--device', default='cpu')
+    ap.add_argument('--size', default='authors', choices=list(SIZES))
+    ap.add_argument('--steps', type=int, default=5, help='timed pairs per measurement')
+    ap.add_argument('--warmup', type=int, default=1)
+    ap.add_argument('--threads', type=int, default=int(os.environ.get('VQFLOW_THREADS', 1)))
+    ap.add_argument('--variants', default='ours', help="comma-separated: ours, ours+bcond, ours+cl, ours+bcond+cl, ours+bf16 ...")
+    ap.add_argument('--memory-sides', default=None, help='comma-separated sides for the memory processes (default: theirs + variants)')
+    ap.add_argument('--mem-steps', type=int, default=2, help='steps per mode in each memory process')
+    ap.add_argument('--no-memory', action='store_true')
+    ap.add_argument('--no-timing', action='store_true')
+    ap.add_argument('--out', default=str(ROOT / 'results' / 'benchmarks' / 'vs_authors'))
+    ap.add_argument('--child', default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
+    if args.child: return memory_child(args)
+    device = torch.device(args.device)
+    S = setup(args, device)
+    feats = make_feats(S['size'], device)
+    res = dict(size=args.size, size_spec=S['size'], env=env_info(device), n_numbers=S['n_numbers'],
+               command='python ' + ' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]))
+    print(f"transplanted {S['n_numbers']:,} numbers", flush=True)
+    res['equivalence'] = equivalence(S, feats, device); print('equivalence', res['equivalence'], flush=True)
+    variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+    res['variant_equivalence'] = {v: variant_equivalence(S, feats, v) for v in variants if v != 'ours'}
+    if res['variant_equivalence']: print('variants vs ours', res['variant_equivalence'], flush=True)
+    if not args.no_timing: res['timing'] = timing(S, feats, device, args.steps, args.warmup, variants)
+    del S; import gc; gc.collect()
+    if not args.no_memory:
+        sides = ['theirs'] + (variants if args.memory_sides is None else [s for s in args.memory_sides.split(',') if s != 'theirs'])
+        res['memory'] = memory(args, sides)
+    write(res, Path(args.out))
+
+def variant_equivalence(S, feats, v) -> dict:
+    "Max |variant - ours| of the training loss and the inference outputs, from the same state (one extra copy)."
+    import torch, copy
+    ours = S['ours']; sd = {k: t.clone() for k, t in ours.state_dict().items()}
+    m = copy.deepcopy(ours); amp = _patch_variant(m, v)
+    m.train(); ours.train()
+    with _autocast(amp): lv = float(m.loss(feats)['loss'])
+    lb = float(ours.loss(feats)['loss'])
+    m.load_state_dict(sd); ours.load_state_dict(sd)           # training forwards move the EMA codebooks
+    with _autocast(amp): iv = ours_infer(m, feats, S['c'].input_size)
+    ib = ours_infer(ours, feats, S['c'].input_size)
+    del m, sd
+    return dict(loss=abs(lv - lb), loss_rel=abs(lv - lb) / abs(lb), loss_ours=lb, loss_variant=lv,
+                image_score=maxdiff(iv[0], ib[0]), add_map=maxdiff(iv[1], ib[1]), mul_map=maxdiff(iv[2], ib[2]))
+
+if __name__ == '__main__': main()
