@@ -6,7 +6,7 @@
 __all__ = ['method_label', 'run_info', 'grid_runs', 'seed_stats', 'overall_table', 'kind_table', 'class_table', 'pm',
            'runs_summary', 'comparison_markdown', 'comparison_figure', 'write_comparison', 'main']
 
-# %% ../nbs/32_compare.ipynb #cc19f060
+# %% ../nbs/32_compare.ipynb #cebc5c71
 import argparse, json, sys
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 from .core import default, project_root
 from .replicate import load_runs, METRIC_NAMES, _labels
 
-# %% ../nbs/32_compare.ipynb #c22cc371
+# %% ../nbs/32_compare.ipynb #5b051320
 def method_label(method:str, variant:str) -> str:
     "The row name of a method in the comparison: `vqflow`, or `hgad (label_free)` for a variant other than 'code'."
     return method if variant in (None, 'code') else f'{method} ({variant})'
@@ -40,7 +40,7 @@ def run_info(results:str|Path, # a results folder (`<results>/<dataset>/<method>
                          degenerate=bool(m.get('degenerate', False)), run_dir=str(fn.parent)))
     return pd.DataFrame(rows)
 
-# %% ../nbs/32_compare.ipynb #39f2c5cd
+# %% ../nbs/32_compare.ipynb #373562ed
 def grid_runs(config:str|Path|dict) -> set:
     "`<method>/<run_id>` of every run of a `vqflow-replicate` grid (YAML file or dict), as the runner names them."
     import yaml
@@ -48,7 +48,7 @@ def grid_runs(config:str|Path|dict) -> set:
     cfg = yaml.safe_load(Path(config).read_text()) if not isinstance(config, dict) else config
     return {f"{r['method']}/{_resolve_run(r, project_root())[1]}" for r in _expand(cfg)}
 
-# %% ../nbs/32_compare.ipynb #a3ad719a
+# %% ../nbs/32_compare.ipynb #55f76248
 def seed_stats(values:pd.DataFrame, # tidy rows with `label`, `seed`, the grouping columns and `value`
                by:list) -> pd.DataFrame:
     "mean, std (ddof=1; NaN for one seed) and n over seeds for each group of `by`."
@@ -70,7 +70,7 @@ def overall_table(results:str|Path, dataset:str,
     "Class-mean metrics per method over seeds (finished, non-degenerate runs): rows label x metric, mean/std/n."
     return seed_stats(_metric_rows(results, dataset, which, False, runs), ['label', 'metric'])
 
-# %% ../nbs/32_compare.ipynb #2ede8390
+# %% ../nbs/32_compare.ipynb #cb3e3db4
 def kind_table(results:str|Path, dataset:str, runs:set|None=None) -> pd.DataFrame:
     "Per defect kind (I-AUROC good vs kind, P-AUROC) per method over seeds: rows label x defect_kind x metric."
     info = run_info(results, dataset, runs)
@@ -87,7 +87,7 @@ def class_table(results:str|Path, dataset:str, which:str='last', runs:set|None=N
     "Per class metrics per method over seeds: rows label x cls x metric."
     return seed_stats(_metric_rows(results, dataset, which, True, runs), ['label', 'cls', 'metric'])
 
-# %% ../nbs/32_compare.ipynb #ea53079c
+# %% ../nbs/32_compare.ipynb #87c8c724
 def pm(mean:float, std:float, n:int) -> str:
     "`84.4 ± 1.2` (×100); one seed has no spread: `84.4`."
     if pd.isna(mean): return ''
@@ -106,17 +106,21 @@ def runs_summary(info:pd.DataFrame) -> pd.DataFrame:
                          'degenerate': g.degenerate.sum().astype(int),
                          'minutes/run': g.seconds.mean().div(60).round(1)})
 
-# %% ../nbs/32_compare.ipynb #e149ee81
+# %% ../nbs/32_compare.ipynb #34831ff5
 def comparison_markdown(results:str|Path, dataset:str, runs:set|None=None) -> str:
     "The comparison as markdown: runs, overall (last and best), per defect kind, per class."
     info = run_info(results, dataset, runs)
     if info.empty: return f'## {dataset}: no finished runs\n'
+    missing = sorted(runs - {f'{m}/{r}' for m, r in zip(info.method, info.run_id)}) if runs is not None else []
     ov = _wide(overall_table(results, dataset, runs=runs), ['label'], 'metric')[list(METRIC_NAMES)].rename(columns=METRIC_NAMES)
     best = _wide(overall_table(results, dataset, 'best', runs), ['label'], 'metric')[['i_auroc', 'p_auroc']].rename(columns=METRIC_NAMES)
     out = [f'## {dataset}: methods compared over seeds\n',
            'Values ×100, mean ± sample std over the seeds that finished (one seed: no spread). *last* = the final epoch; '
            '*best* = the epoch selected on the test set, as the authors do. Degenerate runs are never averaged in.\n',
-           runs_summary(info).to_markdown(), '\n### Overall (last epoch)\n', ov.to_markdown(),
+           runs_summary(info).to_markdown(),
+           *([f"\n**Not finished** ({len(missing)} run(s) of the grid, left out): " + ', '.join(f'`{x}`' for x in missing) + '\n']
+             if missing else []),
+           '\n### Overall (last epoch)\n', ov.to_markdown(),
            '\n### Overall (best epoch, selected on the test set)\n', best.to_markdown()]
     kt = kind_table(results, dataset, runs)
     if len(kt):
@@ -127,7 +131,7 @@ def comparison_markdown(results:str|Path, dataset:str, runs:set|None=None) -> st
         out += [f'\n### Per class: {METRIC_NAMES[metric]}\n', _wide(ct[ct.metric == metric], ['cls'], 'label').to_markdown()]
     return '\n'.join(out) + '\n'
 
-# %% ../nbs/32_compare.ipynb #6b121451
+# %% ../nbs/32_compare.ipynb #65c9cea7
 def _bars(ax, t:pd.DataFrame, cats:list, labels:list, title:str):
     w = 0.8 / max(len(labels), 1)
     for i, lab in enumerate(labels):
@@ -155,7 +159,7 @@ def comparison_figure(results:str|Path, dataset:str, runs:set|None=None) -> plt.
     fig.tight_layout()
     return fig
 
-# %% ../nbs/32_compare.ipynb #8b101f71
+# %% ../nbs/32_compare.ipynb #d3336035
 def write_comparison(results:str|Path|None=None, # results folder (default: <project>/results)
                      dataset:str='synthetic',
                      config:str|Path|None=None, # compare only the runs of this grid YAML; its stem names the files

@@ -16,7 +16,7 @@ from scipy.ndimage import gaussian_filter
 
 from .core import exists, default
 from .flows import hgad_flow, positional_encoding_2d, count_params
-from .train import Schedule, Scores
+from .method import Schedule, Scores
 from fastcore.basics import patch
 
 # %% auto #0

@@ -15,7 +15,7 @@ from einops import rearrange
 from fastcore.basics import patch
 from .core import exists, default
 from .codebooks import EMACodebook
-from .train import Schedule, Scores
+from .method import Schedule, Scores
 
 # %% auto #0
 __all__ = ['VARIANTS', 'LEVELS', 'AUTHORS', 'StaticSameConv2d', 'static_same_padding', 'set_drop_connect', 'set_bn_momentum',

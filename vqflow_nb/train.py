@@ -17,52 +17,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .core import exists, default, get_device, seed_everything, hash_dict, record, cpu_memory_mode
+from .method import Scores, Schedule   # the method interface (07_method); re-exported for existing imports
+from .metrics import METRIC_KEYS
 
 # %% auto #0
-__all__ = ['METRICS', 'Scores', 'Schedule', 'make_optimizer', 'set_lr', 'collect_scores', 'degenerate_checks', 'metric_table',
-           'evaluate', 'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'run_spec', 'dist_info',
-           'is_main_process', 'init_distributed', 'global_batches', 'shard_batches', 'synced_codebooks', 'GradientSync',
-           'Parallel', 'data_parallel', 'Amp', 'DegenerateWarning', 'fit']
-
-# %% ../nbs/20_train.ipynb #1522f110
-class Scores(NamedTuple):
-    "What `method.score` returns: image scores `(B,)`, the pixel map `(B,H,W)`, optionally the AU-PRO map and raw parts."
-    image: torch.Tensor
-    pixel: torch.Tensor
-    pro: torch.Tensor|None = None
-    parts: dict|None = None # per-image tensors (batch first) that the method's `finalize_scores` turns into scores per class
-
-# %% ../nbs/20_train.ipynb #7be2170c
-@dataclass
-class Schedule:
-    "Optimisation settings of a run; methods return their authors' defaults from `schedule()`."
-    epochs:int = 60 # passes over the union training set
-    batch_size:int = 16
-    lr:float = 1e-4
-    optimizer:str = 'adam' # 'adam' or 'adamw'
-    betas:tuple = (0.9, 0.999)
-    weight_decay:float = 0.0
-    warmup_epochs:int = 0 # linear warm-up from `warmup_start`*lr to lr over this many epochs (torch LinearLR semantics)
-    warmup_start:float = 0.1
-    milestones:tuple = () # multiply the lr by `gamma` at each of these epochs
-    gamma:float = 0.1
-    cosine:bool = False # cosine decay from lr to lr*`cosine_min` over `epochs` (after the warm-up)
-    cosine_min:float = 1e-3
-    clip_grad:float|None = None # max gradient norm (None: no clipping)
-    eval_every:int = 1 # evaluate on the test set every this many epochs (and always after the last)
-    drop_last:bool = True # VQ-Flow and HGAD drop the last incomplete batch (BatchNorm needs >= 2 samples)
-    precision:str = 'fp32' # ours: 'fp32' (all three authors' runs), 'bf16' (autocast; CPU or CUDA) or 'fp16' (CUDA autocast + GradScaler)
-
-    def lr_factor(self, epoch:int) -> float:
-        "Multiplier of `lr` during (0-based) `epoch`."
-        f = 1.0
-        if self.warmup_epochs > 0 and epoch < self.warmup_epochs:
-            f *= self.warmup_start + (1 - self.warmup_start) * epoch / self.warmup_epochs
-        f *= self.gamma ** sum(epoch >= m for m in self.milestones)
-        if self.cosine:
-            t = min(max(epoch - self.warmup_epochs, 0) / max(self.epochs - self.warmup_epochs, 1), 1.0)
-            f *= self.cosine_min + (1 - self.cosine_min) * 0.5 * (1 + math.cos(math.pi * t))
-        return f
+__all__ = ['METRICS', 'make_optimizer', 'set_lr', 'collect_scores', 'degenerate_checks', 'metric_table', 'evaluate',
+           'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'run_spec', 'dist_info', 'is_main_process',
+           'init_distributed', 'global_batches', 'shard_batches', 'synced_codebooks', 'GradientSync', 'Parallel',
+           'data_parallel', 'Amp', 'DegenerateWarning', 'fit']
 
 # %% ../nbs/20_train.ipynb #5dcd5baa
 def make_optimizer(params, # parameters, or param-group dicts (a group may carry `lr_scale`)
@@ -146,7 +108,7 @@ def degenerate_checks(per_class:dict, # output of `collect_scores`
     return out
 
 # %% ../nbs/20_train.ipynb #75ef2c33
-METRICS = ('i_auroc', 'i_ap', 'i_f1max', 'p_auroc', 'p_ap', 'p_f1max', 'aupro')
+METRICS = METRIC_KEYS   # one metric list: `metrics.METRIC_KEYS` (this name stays for existing imports)
 
 def metric_table(per_class:dict, # output of `collect_scores`
                  class_names:list, # names indexed by cls_index
@@ -391,6 +353,7 @@ class Parallel:
         "Rank 0's `obj` on every rank."
         box = [obj]; dist.broadcast_object_list(box, src=0); return box[0]
 
+# %% ../nbs/20_train.ipynb #31a13887
 @contextlib.contextmanager
 def data_parallel(method:nn.Module, params:list, device:torch.device, sch:Schedule):
     "Set up synchronised training of `method` on this process group for the duration of the block; yields a `Parallel`."
@@ -490,6 +453,23 @@ def _record_eval(res:FitResult, t:pd.DataFrame, epoch:int, progress:bool):
     if progress: print(f"epoch {epoch+1}: " + ', '.join(f'{k}={t.loc["mean", k]:.3f}' for k in METRICS
                                                        if not pd.isna(t.loc['mean', k])))
 
+# %% ../nbs/20_train.ipynb #67b7fcf5
+def _resume(ckpt:Path, spec:dict, method:nn.Module, opt, amp:Amp, res:FitResult, device, progress:bool) -> int:
+    "Restore a run from its checkpoint, after checking that it is the same run (`run_spec`); the first epoch left to train."
+    st = load_checkpoint(ckpt, device); _check_spec(ckpt, st.get('run_spec'), spec)
+    method.load_state_dict(st['model']); opt.load_state_dict(st['optimizer']); _set_rng_state(st['rng'])
+    if amp.scaler is not None and st.get('scaler') is not None: amp.scaler.load_state_dict(st['scaler'])
+    res.history, res.evals = st['history'], st['evals']
+    res.last_epoch, res.best_epoch, res.degenerate = st['last_epoch'], st['best_epoch'], st.get('degenerate', {})
+    if progress: print(f"resumed from {ckpt} after epoch {st['epoch'] + 1}")
+    return st['epoch'] + 1
+
+def _save(ckpt:Path, method:nn.Module, opt, amp:Amp, res:FitResult, epoch:int, spec:dict):
+    "Everything a resumed run needs to go on as if it had never stopped: weights, optimiser, RNG, history, the run's identity."
+    save_checkpoint(ckpt, model=method.state_dict(), optimizer=opt.state_dict(), rng=_rng_state(), epoch=epoch,
+                    history=res.history, evals=res.evals, last_epoch=res.last_epoch, best_epoch=res.best_epoch,
+                    degenerate=res.degenerate, run_spec=spec, scaler=amp.scaler.state_dict() if amp.scaler is not None else None)
+
 # %% ../nbs/20_train.ipynb #f85c5267
 def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
         train_store, # training FeatureStore (dict items with 'feats'), or an `ImageStore`
@@ -515,13 +495,7 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
     res, spec, start = FitResult(history=[], evals={}, schedule=sch), run_spec(method, sch, seed, train_store, test_store), 0
     ckpt = Path(out_dir)/'checkpoints'/'last.pt' if exists(out_dir) else None
     main = is_main_process()
-    if exists(ckpt) and ckpt.exists() and resume:
-        st = load_checkpoint(ckpt, device); _check_spec(ckpt, st.get('run_spec'), spec)
-        method.load_state_dict(st['model']); opt.load_state_dict(st['optimizer']); _set_rng_state(st['rng'])
-        if amp.scaler is not None and st.get('scaler') is not None: amp.scaler.load_state_dict(st['scaler'])
-        res.history, res.evals, start = st['history'], st['evals'], st['epoch'] + 1
-        res.last_epoch, res.best_epoch, res.degenerate = st['last_epoch'], st['best_epoch'], st.get('degenerate', {})
-        if progress and main: print(f'resumed from {ckpt} after epoch {start}')
+    if exists(ckpt) and ckpt.exists() and resume: start = _resume(ckpt, spec, method, opt, amp, res, device, progress and main)
     names = default(class_names, lambda: getattr(test_store, 'classes', None))
     stop = sch.epochs if max_epochs is None else min(sch.epochs, start + max_epochs)
     progress = progress and main
@@ -532,10 +506,6 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
             if exists(test_store) and ((epoch + 1) % sch.eval_every == 0 or epoch + 1 == sch.epochs):
                 t = evaluate(method, test_store, names, eval_batch_size, device, aupro_variant, progress) if main else None
                 _record_eval(res, t if par is None else par.broadcast(t), epoch, progress)
-            if exists(ckpt) and main:
-                save_checkpoint(ckpt, model=method.state_dict(), optimizer=opt.state_dict(), rng=_rng_state(), epoch=epoch,
-                                history=res.history, evals=res.evals, last_epoch=res.last_epoch, best_epoch=res.best_epoch,
-                                degenerate=res.degenerate, run_spec=spec,
-                                scaler=amp.scaler.state_dict() if amp.scaler is not None else None)
+            if exists(ckpt) and main: _save(ckpt, method, opt, amp, res, epoch, spec)
     bar.close()
     return res
