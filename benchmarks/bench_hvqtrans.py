@@ -15,12 +15,9 @@ disturbed run) with the median beside it. Writes results/benchmarks/hvqtrans.{js
 """
 import json, os, subprocess, sys, time, platform
 from pathlib import Path
+from _cases import vmhwm_gb, run_cases   # benchmarks/_cases.py: one subprocess per case
 
 ROOT = Path(__file__).resolve().parents[1]
-
-def vmhwm_gb():
-    for l in open('/proc/self/status'):
-        if l.startswith('VmHWM'): return int(l.split()[1]) / 1024**2
 
 def timed(f, n):
     "min and median of n timings of f() (after one warm-up call)."
@@ -83,12 +80,7 @@ CASES = [('offline', 4, 'train-mode backbone + model step, per-image EMA (defaul
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == '--case': return case(sys.argv[2], int(sys.argv[3]))
-    rows = []
-    for name, steps, what in CASES:
-        print(f'running {name} ...', flush=True)
-        out = subprocess.run([sys.executable, __file__, '--case', name, str(steps)], capture_output=True, text=True, cwd=ROOT)
-        if out.returncode: print(out.stderr[-3000:]); sys.exit(1)
-        rows.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), what=what)); print(rows[-1], flush=True)
+    rows = run_cases(__file__, CASES)
     out = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), load_avg=os.getloadavg()), cases=rows)
     d = ROOT/'results'/'benchmarks'; d.mkdir(parents=True, exist_ok=True)
     (d/'hvqtrans.json').write_text(json.dumps(out, indent=1))
