@@ -34,20 +34,24 @@ def _fake_notebook(path):
     nb.metadata['kernelspec'] = dict(name='python3', display_name='python3', language='python')
     p = nbformat.v4.new_code_cell('\n'.join(f'{k} = None' for k in PARAMETERS)); p.metadata['tags'] = ['parameters']
     body = nbformat.v4.new_code_cell('''
+import os, time
 from vqflow_nb.core import record
+t_start = time.time()
+if method == "slow": time.sleep(3)
 if method == "broken": raise RuntimeError("boom: this run fails on purpose")
 t = dict(i_auroc=0.9, i_ap=0.9, i_f1max=0.9, p_auroc=0.8, p_ap=0.5, p_f1max=0.5, aupro=0.7)
 if method != "nometrics":
     record(out_dir, "metrics", dict(dataset=dataset, method=method, variant="code", backbone="lite0", weights="offline",
            image_size=64, needs_labels=False, epochs=epochs, seed=seed, classes=["a"], faithful=False,
            degenerate=method == "flat", degenerate_detail=dict(last={"a": ["all 9 image scores are equal (1)"]}),
-           last=dict(epoch=0, per_class=dict(a=t), mean=t), best=dict(epoch=0, per_class=dict(a=t), mean=t)))
+           last=dict(epoch=0, per_class=dict(a=t), mean=t), best=dict(epoch=0, per_class=dict(a=t), mean=t),
+           kernel=dict(threads=os.environ.get("VQFLOW_THREADS"), start=t_start, end=time.time())))
 if method == "late": raise RuntimeError("fails after writing metrics.json")
 ''')
     nb.cells = [p, body]; nbformat.write(nb, path); return path
 
 def _rid(method, **p):
-    p = dict(epochs=3, seed=1, method=method, data_root=str(synthetic_root()), **p)
+    p = dict(dict(epochs=3, seed=1, method=method, data_root=str(synthetic_root())), **p)
     return run_id(p, data_fingerprint(p['data_root']))
 
 def test_runner_resume_and_failure(tmp_path):
@@ -72,6 +76,21 @@ def test_runner_resume_and_failure(tmp_path):
     st2 = dict(zip(df2['method'], df2['status']))
     assert st2['vqflow'].startswith('skipped') and st2['broken'].startswith('failed')
     assert len(pd.read_csv(res/'failures.csv')) == 2
+
+def test_workers_run_at_once(tmp_path):
+    "workers=2: two kernels at a time, each told cores//2 torch threads; the rows come back in the grid's order."
+    from vqflow_nb.replicate import _cores
+    nb = _fake_notebook(tmp_path/'fake.ipynb')
+    cfg = dict(workers=2, runs=[dict(notebook=str(nb), dataset='fake', methods=['slow', 'broken', 'flat'], seeds=[1, 2],
+                                     parameters=dict(epochs=3, data_root=str(synthetic_root())))])
+    res = tmp_path/'results'
+    df = replicate(cfg, results=res, progress=False, collect_tables=False)
+    assert list(df['method']) == ['slow', 'slow', 'broken', 'broken', 'flat', 'flat']
+    assert list(df['status']) == ['ok', 'ok', 'failed', 'failed', 'degenerate', 'degenerate']
+    k = [json.loads((res/'fake'/'slow'/_rid('slow', seed=s)/'metrics.json').read_text())['kernel'] for s in (1, 2)]
+    assert {x['threads'] for x in k} == {str(max(1, _cores() // 2))}
+    assert k[0]['start'] < k[1]['end'] and k[1]['start'] < k[0]['end']   # the two slow runs overlapped in time
+    assert len(pd.read_csv(res/'failures.csv')) == 4                     # both failed and both degenerate runs recorded
 
 def test_cli_collect(tmp_path, capsys):
     assert main(['--collect', '--results', str(tmp_path)]) == 0

@@ -37,7 +37,7 @@ def one(job):
 
 def main(argv=None):
     import yaml
-    from vqflow_nb.replicate import _expand, _resolve_run, _value
+    from vqflow_nb.replicate import _plan, _value
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--config', required=True)
     p.add_argument('--results', default=None, help="results folder (default: the config's `results`)")
@@ -49,11 +49,9 @@ def main(argv=None):
     for r in cfg['runs']: r['parameters'] = {**r.get('parameters', {}), **{k: _value(v) for k, v in extra.items()}}
     results = Path(a.results or ROOT/cfg.get('results', 'results'))
     jobs = []
-    for r in _expand(cfg):
-        _, rid = _resolve_run(r, ROOT)
-        out = results/r['dataset']/r['method']/rid
-        if (out/'complete.json').exists(): print(f'finished already: {out}'); continue
-        out.mkdir(parents=True, exist_ok=True); jobs.append((r, str(out)))
+    for r in _plan(cfg, results, ROOT):   # the runner's plan: the same run ids and folders
+        if not r['run']: print(f"finished already: {r['out']}"); continue
+        r['out'].mkdir(parents=True, exist_ok=True); jobs.append((r, str(r['out'])))
     print(f'{len(jobs)} runs, {a.workers} workers', flush=True)
     failed, t0 = 0, time.time()
     import multiprocessing as mp

@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 
 from .core import exists, default, project_root, record
-from .replicate import (PARAMETERS, _expand, _resolve_run, _execute, _failure, _error_message, _value,
+from .replicate import (PARAMETERS, _expand, _plan, _resolve_run, _threads_env, _execute, _failure, _error_message, _value,
                                  collect, compare_runs, run_experiment)
 
 # %% auto #0
@@ -35,30 +35,9 @@ def task_resources(cfg:dict, # the grid config
 
 # %% ../nbs/31_cluster.ipynb #874ef450
 def plan_runs(cfg:dict, results:Path, root:Path, force:bool=False, verify:bool=False, gpus_default:float=0) -> list:
-    "Every run of the grid: the `_expand` entry plus notebook, run_id, out, done (finished), run (to execute), fresh, resources."
-    plan = []
-    for entry in cfg.get('runs', []):
-        res = task_resources(cfg, entry, gpus_default)
-        for r in _expand(dict(runs=[entry])):
-            nb, rid = _resolve_run(r, root)
-            out = results/r['dataset']/r['method']/rid
-            done = (out/'complete.json').exists()
-            if done and verify: out = results/'_scratch'/'verify'/r['dataset']/r['method']/rid
-            plan.append(dict(r, notebook=nb, run_id=rid, out=out, done=done, run=force or verify or not done,
-                             fresh=force or verify, resources=res))
-    return plan
-
-# %% ../nbs/31_cluster.ipynb #17226889
-@contextlib.contextmanager
-def _threads_env(threads:int|None, # torch threads for the kernel the block starts; None/0 = leave VQFLOW_THREADS as it is
-                ):
-    "Set VQFLOW_THREADS for the block (papermill's kernel inherits the environment), then restore it."
-    old = os.environ.get('VQFLOW_THREADS')
-    if threads: os.environ['VQFLOW_THREADS'] = str(max(1, int(threads)))
-    try: yield
-    finally:
-        if old is None: os.environ.pop('VQFLOW_THREADS', None)
-        else: os.environ['VQFLOW_THREADS'] = old
+    "`replicate`'s plan of the grid (`_plan`: notebook, run_id, out, done, run, fresh) with each run's resources."
+    return [dict(p, resources=task_resources(cfg, entry, gpus_default))
+            for entry in cfg.get('runs', []) for p in _plan(dict(runs=[entry]), results, root, force, verify)]
 
 # %% ../nbs/31_cluster.ipynb #207336ba
 def run_task(notebook:str, # the replication notebook

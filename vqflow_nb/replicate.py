@@ -4,7 +4,8 @@
 
 # %% ../nbs/30_replicate.ipynb #858dbd35
 from __future__ import annotations
-import argparse, csv, hashlib, importlib, json, os, re, shutil, sys, tempfile, time, traceback
+import argparse, contextlib, csv, hashlib, importlib, json, os, queue, re, shutil, sys, tempfile, threading, time, traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,7 +41,7 @@ __all__ = ['PARAMETERS', 'METHODS', 'PUBLISHED_CLASSES', 'METRIC_NAMES', 'regist
 
 # %% ../nbs/30_replicate.ipynb #d95670f6
 PARAMETERS = ('dataset', 'data_root', 'classes', 'method', 'variant', 'backbone', 'weights', 'image_size', 'epochs',
-              'batch_size', 'lr', 'seed', 'device', 'eval_every', 'out_dir', 'cache_dir')
+              'batch_size', 'lr', 'seed', 'device', 'eval_every', 'warmup_epochs', 'out_dir', 'cache_dir')
 
 # %% ../nbs/30_replicate.ipynb #48875320
 METHODS = {}
@@ -225,6 +226,16 @@ def _faithful(a:dict, # the run's arguments (`run_experiment`'s, as `_write_run`
             and PUBLISHED_CLASSES.get(a['dataset']) == sorted(classes))   # the published data set, whole
 
 # %% ../nbs/30_replicate.ipynb #10c008b4
+def _deviations(model, sch, # the method and the schedule it trained with
+                preset:str, size:int, # the backbone preset and the image size the run used
+               ) -> dict:
+    "What a run changed from its method's own settings: `{name: dict(ran=, own=)}` over the schedule and the image size."
+    own = asdict(model.schedule()) if hasattr(model, 'schedule') else {}
+    out = {k: dict(ran=v, own=own[k]) for k, v in asdict(sch).items() if k in own and v != own[k]}
+    own_size = PRESETS.get(preset, {}).get('input_size')
+    if exists(own_size) and own_size != size: out['image_size'] = dict(ran=size, own=own_size)
+    return out
+
 def _run_info(run:dict, a:dict) -> dict:
     "The description of a finished run that heads its metrics.json."
     res, model, ext, test_ds = run['fit'], run['model'], run['extractor'], run['test_ds']
@@ -238,6 +249,7 @@ def _run_info(run:dict, a:dict) -> dict:
                 faithful=_faithful(a, size, res.schedule.epochs, test_ds.class_index),
                 model_size='small' if a['small'] else 'full', aupro_variant=a['aupro_variant'],
                 schedule=asdict(res.schedule), model_config=_ran_config(model, res.schedule),
+                deviations=_deviations(model, res.schedule, a['backbone_preset'], size),
                 data_root=portable_path(a['root']), data_fingerprint=data_fingerprint(a['root'], a['classes']),
                 n_params=sum(p.numel() for p in model.parameters()),
                 degenerate=bool(degenerate['last']), degenerate_detail=degenerate)
@@ -253,7 +265,8 @@ def _write_run(run:dict, a:dict) -> dict:
                    seconds=time.time() - a['t_start'])
     record(out_dir, 'env', provenance(run['device'], seed=a['seed'], weights=ext.weights_source, variant=a['variant'],
                                       extractor=ext.config))
-    run['scores'] = collect_scores(run['model'], run['test_features'], device=run['device'], progress=False)   # the last model's
+    run['scores'] = default(res.scores, lambda: collect_scores(run['model'], run['test_features'], device=run['device'],
+                                                               progress=False))   # the final model's (fit keeps them; a resumed, finished run re-scores)
     kinds = per_kind_table(run['scores'], run['test_ds'])
     metrics['per_defect_kind'] = {k: {m: (None if pd.isna(v) else float(v)) for m, v in r.items()} for k, r in kinds.iterrows()}
     kinds.rename_axis('defect_kind').to_csv(out_dir/'per_defect_kind.csv')
@@ -310,7 +323,9 @@ def run_experiment(dataset:str='synthetic', # dataset family: 'synthetic', 'mvte
                    backbone:str|None=None, # a feature preset or timm name; None = the method's embedded default preset
                    weights:str|None=None, image_size:int|None=None,
                    epochs:int|None=None, batch_size:int|None=None, lr:float|None=None, seed:int=9826,
-                   device:str|None=None, eval_every:int|None=None, out_dir=None, cache_dir=None,
+                   device:str|None=None, eval_every:int|None=None,
+                   warmup_epochs:int|None=None, # None: the method's own warm-up; set it when `epochs` shortens a run below it
+                   out_dir=None, cache_dir=None,
                    model_size:str='auto', # 'auto' (small for an offline preset, else the authors'), 'small', 'full'
                    aupro_variant:str='exact', progress:bool=True) -> dict:
     "Run one replication end to end; write its outputs to `out_dir`; return them (with the fit result)."
@@ -325,7 +340,8 @@ def run_experiment(dataset:str='synthetic', # dataset family: 'synthetic', 'mvte
     model = build_method(method, ext.channels, variant=variant, small=small, seed=seed, n_classes=n_cls, extractor=ext)
     train_ds, test_ds, train_s, test_s = _stores(root, classes, ext, bool(getattr(model, 'needs_images', False)),
                                                  cache_dir, dev, progress)
-    overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every).items() if exists(v)}
+    overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every,
+                                       warmup_epochs=warmup_epochs).items() if exists(v)}
     res = fit(model, train_s, test_s, seed=seed, device=dev, out_dir=out_dir, class_names=list(train_ds.classes),
               aupro_variant=aupro_variant, progress=progress, **overrides)
     run = dict(fit=res, model=model, test_ds=test_ds, test_features=test_s, out_dir=out_dir, device=dev,
@@ -476,22 +492,75 @@ def _resolve_run(r:dict, root:Path) -> tuple[Path, str]:
     data = resolve_data(r['dataset'], p.get('data_root'))
     return nb, run_id(p, data_fingerprint(data, p.get('classes')))
 
+# %% ../nbs/30_replicate.ipynb #dd34be09
+def _plan(cfg:dict, # the grid
+          results:Path, root:Path, # the results folder, the project root
+          force:bool=False, verify:bool=False, # see `replicate`
+         ) -> list:
+    "Every run of the grid: its `_expand` entry plus notebook, run_id, out (its folder), done (finished), run (to execute), fresh."
+    plan = []
+    for r in _expand(cfg):
+        nb, rid = _resolve_run(r, root)
+        out = results/r['dataset']/r['method']/rid
+        done = (out/'complete.json').exists()
+        if done and verify: out = results/'_scratch'/'verify'/r['dataset']/r['method']/rid
+        plan.append(dict(r, notebook=nb, run_id=rid, out=out, done=done, run=force or verify or not done, fresh=force or verify))
+    return plan
+
+# %% ../nbs/30_replicate.ipynb #571b3d15
+@contextlib.contextmanager
+def _threads_env(threads:int|None, # torch threads for the kernel the block starts; None/0 = leave VQFLOW_THREADS as it is
+                ):
+    "Set VQFLOW_THREADS for the block (papermill's kernel inherits the environment), then restore it."
+    old = os.environ.get('VQFLOW_THREADS')
+    if threads: os.environ['VQFLOW_THREADS'] = str(max(1, int(threads)))
+    try: yield
+    finally:
+        if old is None: os.environ.pop('VQFLOW_THREADS', None)
+        else: os.environ['VQFLOW_THREADS'] = old
+
+def _watch(out:Path, # the run's folder: `fit` writes progress.json there after every epoch
+           label:str, position:int, # the bar's title and line (line 0 is the grid's bar)
+           stop:threading.Event, every:float=1.0):
+    "A progress bar of one run's epochs, read from its progress.json until `stop` is set."
+    bar = tqdm(desc=label, position=position, unit='epoch', leave=False)
+    while True:
+        finished = stop.wait(every)
+        try: p = json.loads((out/'progress.json').read_text())
+        except (OSError, ValueError): p = None   # not written yet (features are being extracted)
+        if p: bar.total, bar.n = p['epochs'], p['epoch']; bar.refresh()
+        if finished: break
+    bar.close()
+    return bar.n, bar.total
+
 # %% ../nbs/30_replicate.ipynb #46d61a65
-def _run_one(r:dict, nb:Path, out:Path, rid:str, results:Path, kernel:str, progress:bool, timeout) -> str:
+def _run_one(r:dict, nb:Path, out:Path, rid:str, results:Path, kernel:str, progress:bool, timeout,
+             position:int=1, # the line of this run's progress bar
+            ) -> str:
     "Execute one grid entry into `out`; record a failure or the completion marker; return its status."
-    t0 = time.time()
+    t0, label = time.time(), f"{r['method']}/{rid}"
     if (out/'complete.json').exists(): shutil.rmtree(out)   # a verification or forced re-run starts afresh
-    out.mkdir(parents=True, exist_ok=True)
-    status, err, msg = _execute(nb, out, dict(r['params'], out_dir=str(out)), kernel, progress, timeout)
+    out.mkdir(parents=True, exist_ok=True); (out/'progress.json').unlink(missing_ok=True)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(out, label, position, stop), daemon=True)
+    if progress: watcher.start()
+    try: status, err, msg = _execute(nb, out, dict(r['params'], out_dir=str(out)), kernel, False, timeout)
+    finally:
+        stop.set()
+        if progress: watcher.join()
     if status != 'ok':
         _failure(results, dict(time=time.strftime('%Y-%m-%dT%H:%M:%S'), dataset=r['dataset'], method=r['method'],
                                run_id=rid, notebook=str(out/'run.ipynb'), error=err, message=msg))
     if status in ('ok', 'degenerate'):
         record(out, 'complete', dict(status=status, seconds=time.time() - t0, time=time.strftime('%Y-%m-%dT%H:%M:%S%z')))
-    if progress: print(f'    {status} ({time.time()-t0:.0f} s)', flush=True)
+    if progress: tqdm.write(f'{label}: {status} ({time.time()-t0:.0f} s)')
     return status
 
 # %% ../nbs/30_replicate.ipynb #83f31be3
+def _cores() -> int:
+    "CPU cores this process may use."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
 def replicate(config:str|Path|dict, # a YAML file or the dict it holds
               results:str|Path|None=None, # results folder (default: the config's `results`, else <root>/results)
               kernel:str='python3', # Jupyter kernel for papermill
@@ -499,24 +568,28 @@ def replicate(config:str|Path|dict, # a YAML file or the dict it holds
               verify:bool=False, # re-run finished runs into results/_scratch/verify and compare with them
               collect_tables:bool=True, # write the tables afterwards
               execution_timeout:int|None=None, # per-cell seconds
+              workers:int|None=None, # runs at once, each with cores/workers torch threads; None: the config's `workers`, else 1
               progress:bool=True) -> pd.DataFrame:
     "Run every run of the grid through papermill, record every non-ok outcome, collect the tables."
     root = project_root()
     cfg = yaml.safe_load(Path(config).read_text()) if not isinstance(config, dict) else config
     results = Path(default(results, lambda: root/cfg.get('results', 'results')))
     if not results.is_absolute(): results = root/results
-    runs, rows = _expand(cfg), []
-    for i, r in enumerate(tqdm(runs, desc='grid', disable=not progress)):
-        nb, rid = _resolve_run(r, root)
-        out = results/r['dataset']/r['method']/rid
-        done = (out/'complete.json').exists()
-        if done and verify: out = results/'_scratch'/'verify'/r['dataset']/r['method']/rid
-        status, t0 = 'skipped (finished)', time.time()
-        if progress: print(f"[{i+1}/{len(runs)}] {r['dataset']}/{r['method']}/{rid}", flush=True)
-        if force or verify or not done: status = _run_one(r, nb, out, rid, results, kernel, progress, execution_timeout)
-        row = dict(dataset=r['dataset'], method=r['method'], run_id=rid, status=status, seconds=time.time() - t0, out_dir=str(out))
-        if done and verify: row.update(compare_runs(results/r['dataset']/r['method']/rid, out))
-        rows.append(row)
+    plan, workers = _plan(cfg, results, root, force, verify), max(1, int(default(workers, cfg.get('workers', 1))))
+    lines = queue.SimpleQueue(); [lines.put(k + 1) for k in range(workers)]   # progress-bar lines free for a run
+    def step(p:dict) -> dict:
+        status, t0, line = 'skipped (finished)', time.time(), lines.get()
+        try:
+            if p['run']: status = _run_one(p, p['notebook'], p['out'], p['run_id'], results, kernel, progress, execution_timeout, line)
+        finally: lines.put(line)
+        row = dict(dataset=p['dataset'], method=p['method'], run_id=p['run_id'], status=status, seconds=time.time() - t0, out_dir=str(p['out']))
+        if p['done'] and verify: row.update(compare_runs(results/p['dataset']/p['method']/p['run_id'], p['out']))
+        return row
+    with (tqdm(total=len(plan), desc='grid', unit='run', position=0, disable=not progress) as bar,
+          _threads_env(max(1, _cores() // workers) if workers > 1 else None), ThreadPoolExecutor(workers) as ex):
+        futures = [ex.submit(step, p) for p in plan]   # started in the grid's order
+        for f in as_completed(futures): bar.update()
+        rows = [f.result() for f in futures]
     if collect_tables: collect(results)
     return pd.DataFrame(rows)
 
@@ -667,6 +740,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--force', action='store_true', help='re-run finished runs in place')
     ap.add_argument('--verify', action='store_true',
                     help='re-run finished runs into <results>/_scratch/verify and compare with the committed numbers')
+    ap.add_argument('--workers', type=int, help="runs at once on this machine, each with cores/workers torch threads "
+                                                "(default: the config's `workers`, else 1)")
     ap.add_argument('--collect', action='store_true', help='only collect the tables')
     ap.add_argument('--engine', choices=('local', 'ray'), default='local',
                     help="local: the runs one after another here; ray: every run a Ray task (pip install -e '.[cluster]')")
@@ -695,7 +770,7 @@ def main(argv=None):
         from vqflow_nb.cluster import replicate_ray   # here, not at the top: vqflow_nb.cluster imports this module
         df = replicate_ray(cfg, results=a.results, address=a.address, kernel=a.kernel, force=a.force, verify=a.verify,
                            max_retries=a.max_retries)
-    else: df = replicate(cfg, results=a.results, kernel=a.kernel, force=a.force, verify=a.verify)
+    else: df = replicate(cfg, results=a.results, kernel=a.kernel, force=a.force, verify=a.verify, workers=a.workers)
     cols = ['dataset', 'method', 'run_id', 'status', 'seconds'] + (['reproduced'] if 'reproduced' in df else [])
     print(df[cols].to_string(index=False))
     failed, degen = (df['status'] == 'failed').sum(), (df['status'] == 'degenerate').sum()

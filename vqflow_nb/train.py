@@ -177,6 +177,7 @@ class FitResult:
     best_epoch:int|None = None
     schedule:Schedule|None = None
     degenerate:dict = field(default_factory=dict) # epoch -> {class: [reasons]} (see `degenerate_checks`)
+    scores:dict|None = None # the final epoch's `collect_scores` output (in memory only): a run's per-kind tables and pictures reuse it
 
     @property
     def last(self) -> pd.DataFrame|None: return self.evals.get(self.last_epoch)
@@ -475,7 +476,7 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
         train_store, # training FeatureStore (dict items with 'feats'), or an `ImageStore`
         test_store=None, # test store; None = no evaluation
         schedule:Schedule|None=None, # full override of the method's schedule
-        out_dir:str|Path|None=None, # checkpoints go to out_dir/checkpoints (None: no checkpoints)
+        out_dir:str|Path|None=None, # checkpoints go to out_dir/checkpoints, epochs done to out_dir/progress.json (None: neither)
         seed:int=0, device=None, resume:bool=True, # resume from out_dir/checkpoints/last.pt when it exists
         class_names=None, aupro_variant:str='exact', progress:bool=True, eval_batch_size:int=8,
         max_epochs:int|None=None, # stop after this many epochs of this call (to test resuming)
@@ -500,12 +501,17 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
     stop = sch.epochs if max_epochs is None else min(sch.epochs, start + max_epochs)
     progress = progress and main
     bar = tqdm(range(start, stop), desc=type(method).__name__, disable=not progress, initial=start, total=sch.epochs)
+    tell = lambda e: record(out_dir, 'progress', dict(epoch=e, epochs=sch.epochs)) if exists(out_dir) and main else None
+    tell(start)   # out_dir/progress.json: epochs done, for a batch runner's progress bar
     with (data_parallel(method, params, device, sch) if parallel else contextlib.nullcontext()) as par:
         for epoch in bar:
             res.history.append(_train_epoch(method, train_store, opt, sch, params, epoch, seed, device, bar, progress, par, amp))
             if exists(test_store) and ((epoch + 1) % sch.eval_every == 0 or epoch + 1 == sch.epochs):
-                t = evaluate(method, test_store, names, eval_batch_size, device, aupro_variant, progress) if main else None
+                per = collect_scores(method, test_store, eval_batch_size, device, progress) if main else None
+                t = metric_table(per, names, aupro_variant) if main else None
+                if epoch + 1 == sch.epochs: res.scores = per
                 _record_eval(res, t if par is None else par.broadcast(t), epoch, progress)
             if exists(ckpt) and main: _save(ckpt, method, opt, amp, res, epoch, spec)
+            tell(epoch + 1)
     bar.close()
     return res
