@@ -16,7 +16,7 @@ from .core import project_root, seed_everything, set_threads, get_device, record
 from .vqflow import VQFlow, VQFlowConfig, ABLATIONS
 
 # %% auto #0
-__all__ = ['benchmark_stores', 'prototype_table', 'ablation_run', 'run_study', 'collect_study', 'load_study']
+__all__ = ['benchmark_stores', 'prototype_table', 'ablation_run', 'run_study', 'collect_study', 'load_study', 'summary_table']
 
 # %% ../nbs/40_vqflow_ablation.ipynb #4edff98c
 def benchmark_stores(classes=None, # a subset of the benchmark's classes (None: all 10)
@@ -126,3 +126,18 @@ def load_study(out:str|Path|None=None) -> dict:
     "The collected tables of a study folder (default: the committed results/ablation) as DataFrames."
     out = Path(default(out, lambda: project_root()/'results'/'ablation'))
     return {k: pd.read_csv(out/f'{k}.csv') for k in ('summary', 'per_kind', 'curves', 'usage') if (out/f'{k}.csv').exists()}
+
+# %% ../nbs/40_vqflow_ablation.ipynb #ec5bbfa4
+_COLS = dict(i_auroc='I-AUROC', p_auroc='P-AUROC', aupro='AUPRO', i_ap='I-AP', p_ap='P-AP',
+             cross_class_i='cross-class I-AUROC', cross_class_p='cross-class P-AUROC')
+
+def summary_table(S:pd.DataFrame, # a study's summary (`collect_study`): one row per configuration and seed
+                 ) -> pd.DataFrame:
+    "Per configuration: mean ± std over seeds (×100) of the main metrics, and the CPC's perplexity, prototypes used and purity."
+    g = S.groupby('name', sort=False)
+    fmt = lambda m, sd: f'{100 * m:.1f} ± {100 * sd:.1f}'
+    t = pd.DataFrame({v: [fmt(m, sd) for m, sd in zip(g[k].mean(), g[k].std())] for k, v in _COLS.items()}, index=g.size().index)
+    t['CPC perplexity (last epoch)'] = g['cpc_perplexity_last'].mean().round(2)
+    t['prototypes used (test)'] = g['prototypes_used'].mean().round(1)
+    t['purity'] = g['purity'].mean().round(2)
+    return t
