@@ -524,11 +524,12 @@ def _watch(out:Path, # the run's folder: `fit` writes progress.json there after 
            stop:threading.Event, every:float=1.0):
     "A progress bar of one run's epochs, read from its progress.json until `stop` is set."
     bar = tqdm(desc=label, position=position, unit='epoch', leave=False)
+    live = sys.stderr.isatty()   # a terminal: redraw every second (elapsed time); a log file: a line per epoch only
     while True:
         finished = stop.wait(every)
         try: p = json.loads((out/'progress.json').read_text())
         except (OSError, ValueError): p = None   # not written yet (features are being extracted)
-        if p: bar.total, bar.n = p['epochs'], p['epoch']; bar.refresh()
+        if p and (live or (bar.n, bar.total) != (p['epoch'], p['epochs'])): bar.total, bar.n = p['epochs'], p['epoch']; bar.refresh()
         if finished: break
     bar.close()
     return bar.n, bar.total
