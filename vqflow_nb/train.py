@@ -485,6 +485,9 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
        ) -> FitResult:
     "Train `method` on `train_store`, evaluating on `test_store` every `eval_every` epochs; resumable; data-parallel under torchrun."
     sch = replace(default(schedule, lambda: method.schedule()), **overrides)
+    if 0 < sch.epochs <= sch.warmup_epochs:   # e.g. a shortened run that keeps the method's own warm-up
+        warnings.warn(f"the warm-up ({sch.warmup_epochs} epochs) is not shorter than the run ({sch.epochs}): the learning "
+                      f"rate never reaches lr={sch.lr}; shorten it with warmup_epochs=", stacklevel=2)
     device = get_device(device)
     parallel = default(distributed, lambda: dist_info()[1] > 1)
     if parallel: device = init_distributed(device)
