@@ -19,7 +19,7 @@ METRICS = ['i_auroc', 'i_ap', 'i_f1max', 'p_auroc', 'p_ap', 'p_f1max', 'aupro']
 
 CHILD = '''
 import json, sys, torch
-from vqflow_nb.replicate import run_experiment
+from vqflow_nb.run import run_experiment
 p = json.loads(sys.argv[1]); torch.set_num_threads(p.pop('threads'))
 run = run_experiment(**p, progress=False)
 m = run['metrics']
@@ -39,7 +39,7 @@ def main():
     ap = argparse.ArgumentParser(); ap.add_argument('--out', default=str(ROOT/'results'/'benchmarks'/'determinism.md'))
     ap.add_argument('--seeds', type=int, nargs='+', default=[9826, 1, 2])
     a = ap.parse_args()
-    from vqflow_nb.replicate import synthetic_root   # the 5-class set: small enough to repeat five times
+    from vqflow_nb.run import synthetic_root   # the 5-class set: small enough to repeat five times
     base = dict(dataset='synthetic', data_root=str(synthetic_root()), method='vqflow', image_size=256, epochs=16,
                 batch_size=8, lr=1e-3, eval_every=4)
     rows, t0 = [], time.time()

@@ -58,7 +58,7 @@ def test_resume_with_reassignment_is_bit_identical(tmp_path, monkeypatch):
 _RUN = '''
 import sys, json, torch
 from pathlib import Path
-from vqflow_nb.replicate import run_experiment, synthetic_root
+from vqflow_nb.run import run_experiment, synthetic_root
 torch.set_num_threads(1)
 run = run_experiment('synthetic', data_root=str(synthetic_root()), classes=['bottle', 'stripes'], image_size=128, epochs={epochs}, batch_size=4,
                      eval_every=2, lr=1e-3, out_dir=sys.argv[1], cache_dir=sys.argv[2], progress=False)
@@ -104,7 +104,7 @@ _EXTRACT = '''
 import sys, torch
 from vqflow_nb.data import AnomalyDataset
 from vqflow_nb.features import FeatureExtractor, extract_features
-from vqflow_nb.replicate import synthetic_root
+from vqflow_nb.run import synthetic_root
 torch.set_num_threads(1)
 ds = AnomalyDataset(synthetic_root(), 'train', image_size=128, verbose=False)
 st = extract_features(ds, FeatureExtractor.from_preset('offline', input_size=128), sys.argv[1], batch_size=2, progress=False)

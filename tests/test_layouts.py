@@ -11,7 +11,8 @@ from PIL import Image
 from vqflow_nb.core import project_root
 from vqflow_nb.data import (AnomalyDataset, DatasetError, collate_samples, detect_format, scan_dataset, realiad_root,
                             unlabeled_images)
-from vqflow_nb.replicate import data_fingerprint, dataset_name, resolve_data
+from vqflow_nb.identity import data_fingerprint
+from vqflow_nb.run import dataset_name, resolve_data
 from vqflow_nb.synthetic import write_fixture, FIXTURE_LAYOUTS
 
 # (train, test good, test defective) per class for write_fixture's defaults (3, 2, 2); Real-IAD counts views (5 per sample,

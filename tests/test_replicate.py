@@ -8,7 +8,18 @@ import papermill as pm
 import pytest
 
 from vqflow_nb.core import project_root
-from vqflow_nb.replicate import PARAMETERS, replicate, run_id, main, data_fingerprint, synthetic_root, load_runs
+from vqflow_nb.config import PARAMETERS, parameters_cell
+from vqflow_nb.replicate import replicate, cores
+from vqflow_nb.cli import main
+from vqflow_nb.identity import run_id, data_fingerprint
+from vqflow_nb.run import synthetic_root
+from vqflow_nb.record import load_runs
+from vqflow_nb.plan import load_grid, plan_grid
+from vqflow_nb.method import METHODS, register_method
+
+# stand-in methods of the stand-in notebook below: registered so that the plan accepts their names
+for _m in ('slow', 'broken', 'flat', 'nometrics', 'late', 'hang'):
+    if _m not in METHODS: register_method(_m, build=None, authors={}, offline='offline')
 
 ROOT = project_root()
 NBS = sorted((ROOT/'nbs'/'replicate').glob('*.ipynb'))
@@ -17,16 +28,15 @@ NBS = sorted((ROOT/'nbs'/'replicate').glob('*.ipynb'))
 def test_notebook_declares_every_parameter(nb):
     "Every replication notebook takes exactly the runner's parameters, in its order (`dataset` first)."
     assert list(pm.inspect_notebook(str(nb))) == list(PARAMETERS)
+    cell = next(c for c in nbformat.read(str(nb), as_version=4).cells if 'parameters' in c.metadata.get('tags', []))
+    assert cell.source == parameters_cell(), f'{nb.name}: run vqflow_nb.config.sync_parameters on it'
 
 def test_committed_synthetic_run_ids():
     "The committed results of the main grid sit where the runner looks for them: replicating them finds them finished."
-    import yaml
-    from vqflow_nb.replicate import _expand, _resolve_run
-    runs = _expand(yaml.safe_load((ROOT/'replicate'/'synthetic.yaml').read_text()))
-    assert {r['params']['dataset'] for r in runs} == {'synthetic'}       # the notebook is told its data set ...
-    for r in runs:
-        out = ROOT/'results'/r['dataset']/r['method']/_resolve_run(r, ROOT)[1]
-        assert (out/'complete.json').exists(), out                       # ... and the run id does not change with it
+    plan = plan_grid(load_grid(ROOT/'replicate'/'synthetic.yaml'), ROOT/'results', ROOT)
+    assert all(p['error'] is None for p in plan), [p['error'] for p in plan]
+    assert {p['config'].dataset for p in plan} == {'synthetic'}          # the notebook is told its data set ...
+    for p in plan: assert p['done'], p['out']                            # ... and the run id does not change with it
 
 def _fake_notebook(path):
     "A stand-in replication notebook: writes a schema-complete metrics.json, or fails when method == 'broken'."
@@ -35,16 +45,18 @@ def _fake_notebook(path):
     p = nbformat.v4.new_code_cell('\n'.join(f'{k} = None' for k in PARAMETERS)); p.metadata['tags'] = ['parameters']
     body = nbformat.v4.new_code_cell('''
 import os, time
+from pathlib import Path
 from vqflow_nb.core import record
+from vqflow_nb.record import stand_in_metrics
+from vqflow_nb.run import die_with_parent
+die_with_parent()
 t_start = time.time()
 if method == "slow": time.sleep(3)
+if method == "hang": Path(out_dir, "kernel.pid").write_text(str(os.getpid())); time.sleep(120)
 if method == "broken": raise RuntimeError("boom: this run fails on purpose")
-t = dict(i_auroc=0.9, i_ap=0.9, i_f1max=0.9, p_auroc=0.8, p_ap=0.5, p_f1max=0.5, aupro=0.7)
 if method != "nometrics":
-    record(out_dir, "metrics", dict(dataset=dataset, method=method, variant="code", backbone="lite0", weights="offline",
-           image_size=64, needs_labels=False, epochs=epochs, seed=seed, classes=["a"], faithful=False,
+    record(out_dir, "metrics", stand_in_metrics(dataset, method, dict(a=0.9), epochs=epochs, seed=seed,
            degenerate=method == "flat", degenerate_detail=dict(last={"a": ["all 9 image scores are equal (1)"]}),
-           last=dict(epoch=0, per_class=dict(a=t), mean=t), best=dict(epoch=0, per_class=dict(a=t), mean=t),
            kernel=dict(threads=os.environ.get("VQFLOW_THREADS"), start=t_start, end=time.time())))
 if method == "late": raise RuntimeError("fails after writing metrics.json")
 ''')
@@ -79,7 +91,6 @@ def test_runner_resume_and_failure(tmp_path):
 
 def test_workers_run_at_once(tmp_path):
     "workers=2: two kernels at a time, each told cores//2 torch threads; the rows come back in the grid's order."
-    from vqflow_nb.replicate import _cores
     nb = _fake_notebook(tmp_path/'fake.ipynb')
     cfg = dict(workers=2, runs=[dict(notebook=str(nb), dataset='fake', methods=['slow', 'broken', 'flat'], seeds=[1, 2],
                                      parameters=dict(epochs=3, data_root=str(synthetic_root())))])
@@ -88,7 +99,7 @@ def test_workers_run_at_once(tmp_path):
     assert list(df['method']) == ['slow', 'slow', 'broken', 'broken', 'flat', 'flat']
     assert list(df['status']) == ['ok', 'ok', 'failed', 'failed', 'degenerate', 'degenerate']
     k = [json.loads((res/'fake'/'slow'/_rid('slow', seed=s)/'metrics.json').read_text())['kernel'] for s in (1, 2)]
-    assert {x['threads'] for x in k} == {str(max(1, _cores() // 2))}
+    assert {x['threads'] for x in k} == {str(max(1, cores() // 2))}
     assert k[0]['start'] < k[1]['end'] and k[1]['start'] < k[0]['end']   # the two slow runs overlapped in time
     assert len(pd.read_csv(res/'failures.csv')) == 4                     # both failed and both degenerate runs recorded
 
@@ -153,3 +164,51 @@ def test_schedule_defaults_are_the_methods(nb):
     params = pm.inspect_notebook(str(nb))
     for k in ('epochs', 'batch_size', 'lr', 'eval_every', 'backbone', 'image_size'):
         assert params[k]['default'] == 'None', (nb.name, k, params[k]['default'])
+
+
+def test_bad_entries_never_stop_the_grid(tmp_path):
+    "A grid with a missing data_root, a bad value and an unknown method runs its good entry and records each bad one."
+    nb = _fake_notebook(tmp_path/'fake.ipynb')
+    ok = dict(notebook=str(nb), dataset='fake', methods=['slow'], seeds=[1], parameters=dict(epochs=3, data_root=str(synthetic_root())))
+    cfg = dict(runs=[dict(ok, parameters=dict(data_root=str(tmp_path/'nowhere'))), dict(ok, parameters=dict(lr='abc')),
+                     dict(ok, methods=['nonesuch']), ok])
+    res = tmp_path/'results'
+    df = replicate(cfg, results=res, progress=False)
+    assert list(df['status']) == ['failed', 'failed', 'failed', 'ok'], df[['method', 'status', 'message']]
+    fails = pd.read_csv(res/'failures.csv')
+    assert len(fails) == 3 and set(fails['error']) == {'PlanError'}
+    msgs = ' | '.join(fails['message'])
+    assert 'does not exist' in msgs and "lr='abc'" in msgs and "unknown method 'nonesuch'" in msgs, msgs
+
+def test_missing_mask_is_a_recorded_failure(tmp_path):
+    "A defect image without its mask fails that entry at planning (the readers' check), not the grid."
+    import shutil
+    root = tmp_path/'data'; shutil.copytree(synthetic_root()/'bar', root/'bar')
+    next((root/'bar'/'ground_truth').rglob('*.png')).unlink()
+    nb = _fake_notebook(tmp_path/'fake.ipynb')
+    good = dict(notebook=str(nb), dataset='fake', methods=['slow'], seeds=[1], parameters=dict(data_root=str(synthetic_root())))
+    df = replicate(dict(runs=[dict(good, parameters=dict(data_root=str(root))), good]), results=tmp_path/'res', progress=False)
+    assert list(df['status']) == ['failed', 'ok'] and 'mask' in df['message'][0].lower(), df['message'][0]
+
+def test_killed_runner_takes_its_kernel_with_it(tmp_path):
+    "SIGKILL of the runner: its kernel dies too (no orphan writing checkpoints into a folder a retry resumes)."
+    import os, signal, subprocess, sys, time
+    nb = _fake_notebook(tmp_path/'fake.ipynb')
+    grid = dict(runs=[dict(notebook=str(nb), dataset='fake', methods=['hang'], seeds=[1], parameters=dict(data_root=str(synthetic_root())))])
+    code = ("import sys; from vqflow_nb.method import register_method; register_method('hang', None, {}, 'offline')\n"
+            f"from vqflow_nb.replicate import replicate; replicate({grid!r}, results={str(tmp_path/'res')!r}, progress=False)")
+    runner = subprocess.Popen([sys.executable, '-c', code])
+    pid_file = next(iter([]), None)
+    for _ in range(240):
+        found = list((tmp_path/'res').rglob('kernel.pid'))
+        if found and found[0].read_text(): pid_file = found[0]; break
+        time.sleep(0.5)
+    assert pid_file is not None, 'the kernel never started'
+    kpid = int(pid_file.read_text())
+    os.kill(runner.pid, signal.SIGKILL); runner.wait()
+    for _ in range(20):
+        try: os.kill(kpid, 0)
+        except ProcessLookupError: break
+        time.sleep(0.25)
+    else:
+        os.kill(kpid, signal.SIGKILL); raise AssertionError('the kernel outlived its runner')

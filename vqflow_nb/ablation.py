@@ -23,7 +23,7 @@ def benchmark_stores(classes=None, # a subset of the benchmark's classes (None: 
                      image_size:int|None=None, # None: the offline preset's 256 px
                      progress:bool=False):
     "The embedded benchmark as the main job sees it: (extractor, train dataset, test dataset, train features, test features)."
-    from vqflow_nb.replicate import resolve_data, make_extractor
+    from vqflow_nb.run import resolve_data, make_extractor
     from vqflow_nb.data import AnomalyDataset
     from vqflow_nb.features import extract_features
     root, ext = resolve_data('synthetic'), make_extractor(None, None, image_size, 'vqflow')
@@ -55,7 +55,7 @@ def ablation_run(name:str, # a key of `ABLATIONS`
                  classes=None, image_size:int|None=None, device=None, progress:bool=False, **cfg) -> dict:
     "Train and evaluate one ablation configuration; return (and write) its metrics, history, usage and tables."
     from vqflow_nb.train import fit, collect_scores, METRICS
-    from vqflow_nb.replicate import per_kind_table
+    from vqflow_nb.run import per_kind_table
     t0 = time.time(); set_threads(); seed_everything(seed)
     ext, train_ds, test_ds, train_f, test_f = benchmark_stores(classes, image_size, progress)
     model = VQFlow(VQFlowConfig.ablation(name, ext.channels, seed=seed, **cfg))
@@ -93,7 +93,8 @@ def run_study(names=None, # configurations (None: all of `ABLATIONS`)
         r = ablation_run(n, s, out=out, **kw)
         if progress: print(f"{n} s{s}: I-AUROC {r['last']['i_auroc']:.3f} P-AUROC {r['last']['p_auroc']:.3f} "
                            f"({r['seconds']:.0f} s)", flush=True)
-    from vqflow_nb.replicate import resolve_data, data_fingerprint
+    from vqflow_nb.run import resolve_data
+    from vqflow_nb.identity import data_fingerprint
     record(out, 'env', provenance('cpu', data_fingerprint=data_fingerprint(resolve_data('synthetic'))))
     return collect_study(out)
 

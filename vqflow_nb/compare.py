@@ -15,7 +15,9 @@ import pandas as pd
 import matplotlib.pyplot as plt
 
 from .core import default, project_root
-from .replicate import load_runs, METRIC_NAMES, _labels
+from .record import load_runs, METRIC_NAMES
+from .tables import labels_text
+from .plan import load_grid, plan_grid
 
 # %% ../nbs/32_compare.ipynb #5b051320
 def method_label(method:str, variant:str) -> str:
@@ -41,7 +43,7 @@ def run_info(results:str|Path, # a results folder (`<results>/<dataset>/<method>
         conv = m.get('converged') or {}
         rows.append(dict(run_id=fn.parent.name, method=m['method'], variant=m['variant'],
                          label=method_label(m['method'], m['variant']), seed=m['seed'], epochs=m['epochs'],
-                         labels_used=_labels(m['needs_labels']), changed=changed_text(m.get('deviations')), flat=conv.get('flat'),
+                         labels_used=labels_text(m['needs_labels']), changed=changed_text(m.get('deviations')), flat=conv.get('flat'),
                          last_rel_change=conv.get('last_rel_change'), seconds=m.get('seconds'),
                          degenerate=bool(m.get('degenerate', False)), run_dir=str(fn.parent)))
     return pd.DataFrame(rows)
@@ -49,10 +51,8 @@ def run_info(results:str|Path, # a results folder (`<results>/<dataset>/<method>
 # %% ../nbs/32_compare.ipynb #373562ed
 def grid_runs(config:str|Path|dict) -> set:
     "`<method>/<run_id>` of every run of a `vqflow-replicate` grid (YAML file or dict), as the runner names them."
-    import yaml
-    from vqflow_nb.replicate import _expand, _resolve_run
-    cfg = yaml.safe_load(Path(config).read_text()) if not isinstance(config, dict) else config
-    return {f"{r['method']}/{_resolve_run(r, project_root())[1]}" for r in _expand(cfg)}
+    root = project_root()
+    return {f"{p['method']}/{p['run_id']}" for p in plan_grid(load_grid(config), root/'results', root) if p['error'] is None}
 
 # %% ../nbs/32_compare.ipynb #55f76248
 def seed_stats(values:pd.DataFrame, # tidy rows with `label`, `seed`, the grouping columns and `value`

@@ -18,8 +18,9 @@ from fastcore.basics import patch
 __all__ = ['MVTEC_CLASSES', 'VISA_CLASSES', 'BTAD_CLASSES', 'MPDD_CLASSES', 'MVTEC3D_CLASSES', 'MVTEC_AD2_CLASSES',
            'REALIAD_CLASSES', 'IMAGE_EXTS', 'UNION_SEP', 'FORMATS', 'RESAMPLE', 'DatasetError', 'Record', 'scan_mvtec',
            'scan_visa_csv', 'scan_btad', 'scan_mvtec3d', 'scan_mvtec_ad2', 'unlabeled_images', 'RealIADRoot',
-           'realiad_root', 'scan_realiad', 'DatasetUnion', 'union_of', 'scan_union', 'detect_format', 'scan_dataset',
-           'split_files', 'open_image', 'open_mask', 'Sample', 'AnomalyDataset', 'collate_samples']
+           'realiad_root', 'scan_realiad', 'DatasetUnion', 'union_of', 'split_union_classes', 'scan_union', 'as_root',
+           'detect_format', 'scan_dataset', 'split_files', 'open_image', 'open_mask', 'Sample', 'AnomalyDataset',
+           'collate_samples']
 
 # %% ../nbs/01_data.ipynb #a508fb40
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -435,10 +436,10 @@ def union_of(pairs, # {name: root} or [(name, root), ...]; a root may be a folde
     names = [n for n, _ in pairs]
     if dups := sorted({n for n in names if names.count(n) > 1}): raise DatasetError(f"union part names must be unique: {dups}")
     if bad := [n for n in names if not n or UNION_SEP in str(n)]: raise DatasetError(f"bad union part names {bad} (empty or with {UNION_SEP!r})")
-    return DatasetUnion(tuple((str(n), _as_root(r)) for n, r in pairs))
+    return DatasetUnion(tuple((str(n), as_root(r)) for n, r in pairs))
 
 # %% ../nbs/01_data.ipynb #2fc8dec9
-def _split_union_classes(u:DatasetUnion, classes) -> dict:
+def split_union_classes(u:DatasetUnion, classes) -> dict:
     "{part name: its classes (None = all)} for union class names `<name>/<class>`; an unknown part is an error."
     if classes is None: return {n: None for n, _ in u.parts}
     out, names = {}, [n for n, _ in u.parts]
@@ -450,7 +451,7 @@ def _split_union_classes(u:DatasetUnion, classes) -> dict:
 
 def scan_union(u:DatasetUnion, split:str, classes:list[str]|None=None) -> list[Record]:
     "List the images of every part of a union, class names prefixed by the part's name."
-    want, recs = _split_union_classes(u, classes), []
+    want, recs = split_union_classes(u, classes), []
     for n, root in u.parts:
         if n in want: recs += [replace(r, cls_name=f"{n}{UNION_SEP}{r.cls_name}") for r in scan_dataset(root, split, want[n])]
     _check_unique_files(recs)
@@ -459,7 +460,7 @@ def scan_union(u:DatasetUnion, split:str, classes:list[str]|None=None) -> list[R
 # %% ../nbs/01_data.ipynb #93cc922d
 FORMATS = ("mvtec", "visa_csv", "btad", "mvtec3d", "mvtec_ad2", "realiad", "union")
 
-def _as_root(root):
+def as_root(root):
     "A dataset root: a checked folder, a `RealIADRoot`, or a `DatasetUnion` (a list of pairs or a dict becomes one)."
     if isinstance(root, (RealIADRoot, DatasetUnion)): return root
     if isinstance(root, dict) and "root" in root: return realiad_root(**root)  # {"root": ..., "resolution": ..., "jsons": ...}
@@ -478,7 +479,7 @@ def _looks_like(root:Path) -> str|None:
 # %% ../nbs/01_data.ipynb #c9e2a493
 def detect_format(root) -> str:
     "The layout of `root`: 'visa_csv' (split_csv/1cls.csv), Real-IAD, MVTec AD 2, MVTec 3D-AD, BTAD, else 'mvtec'."
-    root = _as_root(root)
+    root = as_root(root)
     if isinstance(root, DatasetUnion): return "union"
     if isinstance(root, RealIADRoot): return "realiad"
     if (root / _VISA_CSV).is_file(): return "visa_csv"
@@ -496,7 +497,7 @@ def scan_dataset(root, # dataset root: a folder, a `RealIADRoot`, or a `DatasetU
                  fmt:str="auto", # "auto" or one of `FORMATS`
                 ) -> list[Record]:
     "List the images of a dataset in any supported layout."
-    root = _as_root(root)
+    root = as_root(root)
     if fmt == "auto": fmt = detect_format(root)
     if fmt not in _SCANNERS: raise DatasetError(f"unknown dataset format {fmt!r}; expected 'auto' or one of {FORMATS}")
     return _SCANNERS[fmt](root, split, classes)
@@ -515,13 +516,13 @@ def _class_has_masks(root, fmt:str, c:str, df:pd.DataFrame|None=None) -> bool:
 
 def split_files(root, classes:list[str]|None=None) -> list[Path]:
     "The files that define a dataset's splits and labels beyond its folders: VisA's csv, Real-IAD's JSONs."
-    root = _as_root(root); fmt = detect_format(root)
+    root = as_root(root); fmt = detect_format(root)
     if fmt == "visa_csv": return [root / _VISA_CSV]
     if fmt == "realiad":
         src = realiad_root(root)
         return sorted(src.jsons / f"{c}.json" for c in (classes or sorted(p.stem for p in src.jsons.glob("*.json"))))
     if fmt == "union":
-        want = _split_union_classes(root, classes)
+        want = split_union_classes(root, classes)
         return [f for n, r in root.parts if n in want for f in split_files(r, want[n])]
     return []
 
@@ -635,7 +636,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
                  verbose:bool=True, # print the per-class counts on load
                  class_index:dict|None=None, # name->index to reuse (e.g. the training set's); None = sorted classes
                 ):
-        self.root, self.split = _as_root(root), split
+        self.root, self.split = as_root(root), split
         if resample not in RESAMPLE: raise DatasetError(f"unknown resample {resample!r}; expected one of {list(RESAMPLE)}")
         self.fmt = detect_format(self.root) if fmt == "auto" else fmt
         self.records = scan_dataset(self.root, split, classes, self.fmt)

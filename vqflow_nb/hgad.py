@@ -16,13 +16,13 @@ from scipy.ndimage import gaussian_filter
 
 from .core import exists, default
 from .flows import hgad_flow, positional_encoding_2d, count_params
-from .method import Schedule, Scores
+from .method import Method, Schedule, Scores, register_method
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['VARIANTS', 'GCONST', 'AUTHORS', 'HGADConfig', 'init_main_centres', 'sq_dists', 'HierarchicalPrior', 'loss_g',
-           'smooth_onehot', 'loss_mi', 'loss_e', 'loss_g_intra', 'logp_per_dim', 'loss_z', 'hgad_losses', 'HGAD',
-           'meta_layout', 'hgad_lr_factor', 'anomaly_from_levels', 'build']
+__all__ = ['VARIANTS', 'GCONST', 'AUTHORS', 'CPU_PROFILE', 'HGADConfig', 'init_main_centres', 'sq_dists', 'HierarchicalPrior',
+           'loss_g', 'smooth_onehot', 'loss_mi', 'loss_e', 'loss_g_intra', 'logp_per_dim', 'loss_z', 'hgad_losses',
+           'HGAD', 'meta_layout', 'hgad_lr_factor', 'anomaly_from_levels', 'build']
 
 # %% ../nbs/11_hgad.ipynb #5b273790
 VARIANTS = ('code', 'paper', 'torch1', 'label_free')
@@ -222,7 +222,7 @@ def hgad_losses(prior:HierarchicalPrior, # the level's prior
     return dict(loss=loss, **t)
 
 # %% ../nbs/11_hgad.ipynb #a6d4dc02
-class HGAD(nn.Module):
+class HGAD(Method):
     "HGAD on cached pyramid features: per-level flows + hierarchical priors; `loss`/`training_step`, `score`, `schedule`."
     def __init__(self, cfg:HGADConfig|None=None):
         super().__init__()
@@ -234,7 +234,6 @@ class HGAD(nn.Module):
         self.register_buffer('passes_done', torch.zeros((), dtype=torch.long))   # training passes completed (stage, resume)
         # the class label: training always; at test time unless the test class comes from the posterior
         self.needs_labels = 'train' if cfg.test_class == 'posterior' else 'train+test'
-        self._run_epochs = cfg.meta_epochs * cfg.sub_epochs
         self._pe = {}
 
     def pos(self, h:int, w:int, device, dtype) -> Tensor:
@@ -281,15 +280,15 @@ def hgad_lr_factor(meta:int, # meta-epoch
 
 # %% ../nbs/11_hgad.ipynb #9b9f2b21
 @patch
-def _meta(self:HGAD, epoch:int) -> tuple:
-    "(meta-epoch, sub-epoch, number of meta-epochs, passes per meta-epoch) of pass `epoch` in the current run."
-    n_meta, sub = meta_layout(self._run_epochs, self.cfg.meta_epochs)
+def _meta(self:HGAD, epoch:int, epochs:int|None=None) -> tuple:
+    "(meta-epoch, sub-epoch, number of meta-epochs, passes per meta-epoch) of pass `epoch` in a run of `epochs` (None: the authors')."
+    n_meta, sub = meta_layout(default(epochs, self.cfg.meta_epochs * self.cfg.sub_epochs), self.cfg.meta_epochs)
     return epoch // sub, epoch % sub, n_meta, sub
 
 @patch
-def lr_factor(self:HGAD, epoch:int, step:int, steps_per_epoch:int) -> float:
-    "Per-iteration lr multiplier for the shared trainer (replaces `Schedule.lr_factor`)."
-    meta, s, n_meta, sub = self._meta(epoch)
+def lr_factor(self:HGAD, sch:Schedule, epoch:int, step:int, steps_per_epoch:int) -> float:
+    "Per-iteration lr multiplier for the shared trainer (replaces `Schedule.lr_factor`); the run's length is `sch.epochs`."
+    meta, s, n_meta, sub = self._meta(epoch, sch.epochs)
     c = self.cfg
     return hgad_lr_factor(meta, step + s * steps_per_epoch, steps_per_epoch * sub, n_meta, c.warmup_meta_epochs,
                           c.warmup_from, c.lr_decay_rate)
@@ -297,7 +296,6 @@ def lr_factor(self:HGAD, epoch:int, step:int, steps_per_epoch:int) -> float:
 @patch
 def param_groups(self:HGAD, sch:Schedule) -> list:
     "Flows (weight decay), centres (lr_scale 1 'code' / 3 'paper', no decay), mixture logits (no decay) [code] model.py."
-    self._run_epochs = sch.epochs        # the run's length sets the meta-epoch layout (see `meta_layout`)
     return [dict(params=[p for p in self.flows.parameters() if p.requires_grad], weight_decay=sch.weight_decay),
             dict(params=[q for p in self.priors for q in (p.mu, p.delta)], weight_decay=0.0, lr_scale=self.cfg.centre_lr_scale),
             dict(params=[q for p in self.priors for q in (p.phi_intra, p.phi_inter)], weight_decay=0.0, lr_scale=1.0)]
@@ -310,9 +308,9 @@ def schedule(self:HGAD) -> Schedule:
                     betas=c.betas, weight_decay=c.weight_decay, eval_every=c.eval_every, drop_last=True)
 
 @patch
-def stage2(self:HGAD) -> bool:
-    "Whether the pass being trained is in stage 2 (meta-epoch >= stage2_from)."
-    return self._meta(int(self.passes_done))[0] >= self.cfg.stage2_from
+def stage2(self:HGAD, epochs:int|None=None) -> bool:
+    "Whether the pass being trained is in stage 2 (meta-epoch >= stage2_from) of a run of `epochs` passes (None: the authors')."
+    return self._meta(int(self.passes_done), epochs)[0] >= self.cfg.stage2_from
 
 @patch
 def on_epoch_end(self:HGAD, epoch:int): self.passes_done.fill_(epoch + 1)
@@ -337,7 +335,7 @@ def loss(self:HGAD, feats:list, batch:dict) -> dict:
 def training_step(self:HGAD, feats:list, batch:dict, opt:torch.optim.Optimizer, sch:Schedule|None=None) -> dict:
     "One batch: per level zero_grad / backward / step [code] train.py:train; returns the summed loss and mean parts."
     self._check(feats)
-    stage2, sums = self.stage2(), {}
+    stage2, sums = self.stage2(None if sch is None else sch.epochs), {}
     for l, x in enumerate(feats):
         parts = self._level_loss(l, x, batch['cls_index'], stage2)
         opt.zero_grad(set_to_none=self.cfg.grads_to_none)
@@ -437,3 +435,7 @@ def build(channels, # one width per pyramid level (`FeatureExtractor.channels`)
     if n_classes is None or n_classes < 1: raise ValueError(f"HGAD needs the number of classes, got n_classes={n_classes}")
     make = HGADConfig.small if small else HGADConfig.for_channels
     return HGAD(make(channels, n_classes, variant=variant, seed=seed))
+
+# %% ../nbs/11_hgad.ipynb #4c93c041
+CPU_PROFILE = dict(image_size=256, epochs=8, batch_size=8, lr=1e-3, eval_every=4) # measured on the embedded benchmark, 2 cores
+register_method('hgad', build, AUTHORS, offline='hgad_offline', cpu=CPU_PROFILE)

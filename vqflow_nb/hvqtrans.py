@@ -15,12 +15,13 @@ from einops import rearrange
 from fastcore.basics import patch
 from .core import exists, default
 from .codebooks import EMACodebook
-from .method import Schedule, Scores
+from .method import Method, Schedule, Scores, register_method
 
 # %% auto #0
-__all__ = ['VARIANTS', 'LEVELS', 'AUTHORS', 'StaticSameConv2d', 'static_same_padding', 'set_drop_connect', 'set_bn_momentum',
-           'match_lukemelas', 'HVQTransConfig', 'PositionEmbedding', 'neighbour_mask', 'EncoderLayer', 'DecoderLayer',
-           'Encoder', 'HierarchicalDecoder', 'ClassCodebooks', 'pot_score', 'HVQTrans', 'hvq_maps', 'build']
+__all__ = ['VARIANTS', 'LEVELS', 'AUTHORS', 'CPU_PROFILE', 'StaticSameConv2d', 'static_same_padding', 'set_drop_connect',
+           'set_bn_momentum', 'match_lukemelas', 'HVQTransConfig', 'PositionEmbedding', 'neighbour_mask',
+           'EncoderLayer', 'DecoderLayer', 'Encoder', 'HierarchicalDecoder', 'ClassCodebooks', 'pot_score', 'HVQTrans',
+           'hvq_maps', 'build']
 
 # %% ../nbs/12_hvqtrans.ipynb #5b9144ab
 class StaticSameConv2d(nn.Conv2d):
@@ -302,7 +303,7 @@ def pot_score(f:Tensor, # token features (N, D): the lowest level's quantiser in
     return (logw.exp() * (1 - cos)).sum(-1)
 
 # %% ../nbs/12_hvqtrans.ipynb #f5c9ef28
-class HVQTrans(nn.Module):
+class HVQTrans(Method):
     "HVQ-Trans: reconstruct the aligned backbone map through hierarchical class-switched codebooks; score = error + POT."
     def __init__(self, cfg:HVQTransConfig|None=None, # configuration (authors' defaults)
                  extractor:nn.Module|None=None, # the `FeatureExtractor` (required with `backbone_train`)
@@ -505,3 +506,7 @@ def build(channels:list, # the extractor's channels: one concatenated map, e.g. 
     with torch.random.fork_rng(devices=[]):
         if exists(seed): torch.manual_seed(seed)
         return HVQTrans(cfg, extractor if cfg.backbone_train else None)
+
+# %% ../nbs/12_hvqtrans.ipynb #c4765ded
+CPU_PROFILE = dict(epochs=4, batch_size=8, lr=1e-3, eval_every=2) # measured on the embedded benchmark, 2 cores
+register_method('hvqtrans', build, AUTHORS, offline='hvqtrans_offline', cpu=CPU_PROFILE)

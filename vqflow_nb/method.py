@@ -6,12 +6,14 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
+from torch import nn
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['Scores', 'Schedule']
+__all__ = ['LABEL_USES', 'METHODS', 'Scores', 'Schedule', 'Method', 'MethodSpec', 'register_method', 'method_spec']
 
 # %% ../nbs/07_method.ipynb #13caf3c1
 class Scores(NamedTuple):
@@ -52,3 +54,72 @@ class Schedule:
             t = min(max(epoch - self.warmup_epochs, 0) / max(self.epochs - self.warmup_epochs, 1), 1.0)
             f *= self.cosine_min + (1 - self.cosine_min) * 0.5 * (1 + math.cos(math.pi * t))
         return f
+
+# %% ../nbs/07_method.ipynb #817d5509
+LABEL_USES = ('no', 'train', 'train+test') # how a method uses the ground-truth class: never / in training / in training and at test time
+
+class Method(nn.Module):
+    "Base class of every method: the hooks the trainer and the runner call, each with its documented default."
+    needs_labels:str = 'no' # one of `LABEL_USES`
+    needs_images:bool = False # True: the method runs its backbone itself on images (`ImageStore`), not on cached features
+    find_unused_parameters:bool = False # DDP's flag, for methods whose loss leaves some parameters unused
+
+    def schedule(self) -> Schedule: return Schedule()
+    def loss(self, feats:list, batch:dict) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} gives neither `loss` nor `training_step`")
+    def score(self, feats:list, batch:dict|None=None, out_size:tuple|None=None) -> Scores:
+        raise NotImplementedError(f"{type(self).__name__} gives no `score`")
+
+# %% ../nbs/07_method.ipynb #af4f1707
+@patch
+def param_groups(self:Method, sch:Schedule) -> list:
+    "Optimiser groups (each may carry an `lr_scale`); default: one group of every trainable parameter."
+    return [dict(params=[p for p in self.parameters() if p.requires_grad])]
+
+@patch
+def lr_factor(self:Method, sch:Schedule, epoch:int, step:int, steps_per_epoch:int) -> float:
+    "Multiplier of `sch.lr` at this iteration; default: the schedule's per-epoch curve."
+    return sch.lr_factor(epoch)
+
+@patch
+def training_step(self:Method, feats:list, batch:dict, opt, sch:Schedule) -> dict:
+    "A method's own optimisation step; not overridden: the trainer's zero_grad / `loss` / backward / clip / step runs."
+    raise NotImplementedError('the trainer runs its own step for methods that do not override training_step')
+
+@patch(as_prop=True)
+def own_training_step(self:Method) -> bool:
+    "Whether the method overrides `training_step`."
+    return type(self).training_step is not Method.training_step
+
+@patch
+def on_epoch_end(self:Method, epoch:int): "Called after every training epoch; default: nothing."
+
+@patch
+def finalize_scores(self:Method, d:dict): "Called once per class with all its test scores (`collect_scores`); default: nothing."
+
+@patch
+def codebook_usage(self:Method) -> torch.Tensor|None:
+    "Use counts of the method's top-level codebook for the run's figure; default: None (no codebook)."
+    return None
+
+# %% ../nbs/07_method.ipynb #87a733cc
+@dataclass(frozen=True)
+class MethodSpec:
+    "A registered method: its builder and the settings the runner needs."
+    name:str
+    build:Callable # build(channels, *, variant, small, seed, n_classes, extractor) -> Method
+    authors:dict # the authors' backbone preset, image_size and epochs (a run with these on the whole data set is 'faithful')
+    offline:str # the feature preset of the embedded default (packaged weights, CPU-sized)
+    cpu:dict # the `cpu` schedule profile: run parameters that replace the method's own
+
+METHODS = {}
+
+def register_method(name:str, build:Callable, authors:dict, offline:str='offline', cpu:dict|None=None) -> MethodSpec:
+    "Register (or re-register) the method `name`."
+    METHODS[name] = spec = MethodSpec(name, build, dict(authors), offline, dict(cpu or {}))
+    return spec
+
+def method_spec(name:str) -> MethodSpec:
+    "The registered method `name`, or an error listing the registered ones."
+    if name not in METHODS: raise ValueError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
+    return METHODS[name]

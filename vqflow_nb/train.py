@@ -24,7 +24,7 @@ from .metrics import METRIC_KEYS
 __all__ = ['METRICS', 'make_optimizer', 'set_lr', 'collect_scores', 'degenerate_checks', 'metric_table', 'evaluate',
            'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'run_spec', 'dist_info', 'is_main_process',
            'init_distributed', 'global_batches', 'shard_batches', 'synced_codebooks', 'GradientSync', 'Parallel',
-           'data_parallel', 'Amp', 'DegenerateWarning', 'fit']
+           'data_parallel', 'Amp', 'DegenerateWarning', 'RunTooLong', 'estimate_run', 'check_time_limit', 'fit']
 
 # %% ../nbs/20_train.ipynb #5dcd5baa
 def make_optimizer(params, # parameters, or param-group dicts (a group may carry `lr_scale`)
@@ -85,7 +85,7 @@ def collect_scores(method:nn.Module, # a method meeting the interface above
                     s, batch, i)
     for d in out.values():
         _stack(d)
-        if hasattr(method, 'finalize_scores'): method.finalize_scores(d)   # class-wide normalisation (HGAD)
+        method.finalize_scores(d)   # class-wide normalisation (HGAD); a no-op by default
     return out
 
 # %% ../nbs/20_train.ipynb #dd2294cf
@@ -177,6 +177,7 @@ class FitResult:
     best_epoch:int|None = None
     schedule:Schedule|None = None
     degenerate:dict = field(default_factory=dict) # epoch -> {class: [reasons]} (see `degenerate_checks`)
+    estimate:dict|None = None # after the first epoch: the run's estimated duration (`estimate_run`)
     scores:dict|None = None # the final epoch's `collect_scores` output (in memory only): a run's per-kind tables and pictures reuse it
 
     @property
@@ -363,13 +364,13 @@ def data_parallel(method:nn.Module, params:list, device:torch.device, sch:Schedu
         raise ValueError(f"batch_size {sch.batch_size} (the global batch) is not divisible by the {world} processes")
     par = Parallel(rank, world, device)
     with synced_codebooks(method):
-        if hasattr(method, 'training_step'):
+        if method.own_training_step:
             _broadcast_([*method.parameters(), *method.buffers()])   # start from rank 0's state, as DDP does
             par.grad_sync = GradientSync(params)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
             par.loss_fn = DDP(_LossForward(method), device_ids=[device] if device.type == 'cuda' else None,
-                              find_unused_parameters=getattr(method, 'find_unused_parameters', False))
+                              find_unused_parameters=method.find_unused_parameters)
         try: yield par
         finally:
             if par.grad_sync is not None: par.grad_sync.remove()
@@ -404,7 +405,7 @@ def _step(method:nn.Module, batch:dict, opt, sch:Schedule, params:list, loss_fn=
     "One optimisation step: the method's own `training_step`, else loss (`loss_fn`: its DDP wrapper), backward, clipping, step."
     scaler = amp.scaler if amp is not None else None
     ctx = amp.autocast() if amp is not None else contextlib.nullcontext()
-    if hasattr(method, 'training_step'):
+    if method.own_training_step:
         if scaler is not None: raise ValueError(f"precision='fp16' needs the trainer's backward; {type(method).__name__} has its own training_step (use 'bf16')")
         with ctx: return method.training_step(batch['feats'], batch, opt, sch)
     with ctx: parts = (loss_fn or method.loss)(batch['feats'], batch)
@@ -424,17 +425,15 @@ def _train_epoch(method, store, opt, sch:Schedule, params:list, epoch:int, seed:
     dl = (_loader(store, sch.batch_size, shuffle=True, drop_last=sch.drop_last, generator=_epoch_generator(seed, epoch))
           if par is None else par.loader(store, sch, seed, epoch))
     if len(dl) == 0: raise ValueError(f'{len(store)} training items < batch_size {sch.batch_size} with drop_last')
-    per_iter = getattr(method, 'lr_factor', None)
-    if per_iter is None: set_lr(opt, sch, sch.lr_factor(epoch))
     for i, batch in enumerate(tqdm(dl, desc=f'epoch {epoch+1}', leave=False, disable=not progress)):
-        if per_iter is not None: set_lr(opt, sch, per_iter(epoch, i, len(dl)))
+        set_lr(opt, sch, method.lr_factor(sch, epoch, i, len(dl)))   # the schedule's per-epoch curve unless the method has its own
         if par is not None and par.grad_sync is not None: _broadcast_(list(method.buffers()))   # DDP's broadcast_buffers
         parts = _step(method, _to_device(batch, device), opt, sch, params, None if par is None else par.loss_fn, amp)
         if not torch.isfinite(parts['loss']): raise FloatingPointError(f'non-finite loss at epoch {epoch}: {parts}')
         for k, v in parts.items(): sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         n += 1
         if bar is not None: bar.set_postfix(loss=f"{sums['loss']/n:.4g}")
-    if hasattr(method, 'on_epoch_end'): method.on_epoch_end(epoch)
+    method.on_epoch_end(epoch)
     if par is not None: sums = par.mean(sums)
     return dict(epoch=epoch, lr=opt.param_groups[0]['lr'], seconds=time.time() - t0, **{k: v / n for k, v in sums.items()},
                 **({} if par is None else dict(world_size=par.world)))
@@ -471,8 +470,30 @@ def _save(ckpt:Path, method:nn.Module, opt, amp:Amp, res:FitResult, epoch:int, s
                     history=res.history, evals=res.evals, last_epoch=res.last_epoch, best_epoch=res.best_epoch,
                     degenerate=res.degenerate, run_spec=spec, scaler=amp.scaler.state_dict() if amp.scaler is not None else None)
 
+# %% ../nbs/20_train.ipynb #5ce3ab77
+class RunTooLong(RuntimeError):
+    "The run's estimated total time exceeds the time limit it was given."
+
+def estimate_run(sch:Schedule, start:int, # the schedule, and the first epoch this call trains
+                 train_s:float, # seconds the first epoch's training took
+                 elapsed_s:float, # seconds the first epoch took with its evaluation (if it had one)
+                ) -> dict:
+    "Estimated seconds of the rest of the run: training epochs at the first one's pace, evaluations at the first one's."
+    evals = [e for e in range(start, sch.epochs) if (e + 1) % sch.eval_every == 0 or e + 1 == sch.epochs]
+    eval_s = elapsed_s - train_s if start in evals else None
+    total = train_s * (sch.epochs - start) + (eval_s or 0.0) * len(evals)
+    text = f"{total/3600:.1f} h" if total >= 3600 else f"{total/60:.1f} min"
+    if eval_s is None and evals: text += f" of training, plus {len(evals)} evaluations"
+    return dict(seconds=total, train_seconds_per_epoch=train_s, eval_seconds=eval_s, epochs=sch.epochs - start,
+                evaluations=len(evals), text=text)
+
+def check_time_limit(est:dict, limit:float|None, hint:str=''):
+    "Raise `RunTooLong` when the estimate exceeds `limit` seconds."
+    if limit is not None and est['seconds'] > limit:
+        raise RunTooLong(f"estimated {est['text']} (> the time limit of {limit/3600:.2f} h): stopped after the first epoch. {hint}".strip())
+
 # %% ../nbs/20_train.ipynb #f85c5267
-def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
+def fit(method:Method, # the method (its `schedule()` gives the defaults)
         train_store, # training FeatureStore (dict items with 'feats'), or an `ImageStore`
         test_store=None, # test store; None = no evaluation
         schedule:Schedule|None=None, # full override of the method's schedule
@@ -480,10 +501,13 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
         seed:int=0, device=None, resume:bool=True, # resume from out_dir/checkpoints/last.pt when it exists
         class_names=None, aupro_variant:str='exact', progress:bool=True, eval_batch_size:int=8,
         max_epochs:int|None=None, # stop after this many epochs of this call (to test resuming)
+        time_limit:float|None=None, # seconds: stop after the first epoch when the run's estimated total exceeds this
+        limit_hint:str='', # what to suggest when it does (the runner names its `cpu` profile)
         distributed:bool|None=None, # None: data-parallel when torchrun launched this process (WORLD_SIZE > 1) or a process group exists
         **overrides, # any `Schedule` field, e.g. epochs=2, lr=1e-3, batch_size=4, eval_every=1
        ) -> FitResult:
     "Train `method` on `train_store`, evaluating on `test_store` every `eval_every` epochs; resumable; data-parallel under torchrun."
+    if not isinstance(method, Method): raise TypeError(f"{type(method).__name__} is not a vqflow_nb.method.Method: subclass it (07_method)")
     sch = replace(default(schedule, lambda: method.schedule()), **overrides)
     if 0 < sch.epochs <= sch.warmup_epochs:   # e.g. a shortened run that keeps the method's own warm-up
         warnings.warn(f"the warm-up ({sch.warmup_epochs} epochs) is not shorter than the run ({sch.epochs}): the learning "
@@ -493,7 +517,7 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
     if parallel: device = init_distributed(device)
     seed_everything(seed); method.to(device)
     if device.type == 'cpu': cpu_memory_mode()   # lower peak resident memory (see 00_core)
-    groups = method.param_groups(sch) if hasattr(method, 'param_groups') else [dict(params=[p for p in method.parameters() if p.requires_grad])]
+    groups = method.param_groups(sch)
     opt = make_optimizer(groups, sch); params = [p for g in opt.param_groups for p in g['params']]
     amp = Amp(sch.precision, device)
     res, spec, start = FitResult(history=[], evals={}, schedule=sch), run_spec(method, sch, seed, train_store, test_store), 0
@@ -506,6 +530,7 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
     bar = tqdm(range(start, stop), desc=type(method).__name__, disable=not progress, initial=start, total=sch.epochs)
     tell = lambda e: record(out_dir, 'progress', dict(epoch=e, epochs=sch.epochs)) if exists(out_dir) and main else None
     tell(start)   # out_dir/progress.json: epochs done, for a batch runner's progress bar
+    t_loop = time.time()
     with (data_parallel(method, params, device, sch) if parallel else contextlib.nullcontext()) as par:
         for epoch in bar:
             res.history.append(_train_epoch(method, train_store, opt, sch, params, epoch, seed, device, bar, progress, par, amp))
@@ -515,6 +540,11 @@ def fit(method:nn.Module, # the method (its `schedule()` gives the defaults)
                 if epoch + 1 == sch.epochs: res.scores = per
                 _record_eval(res, t if par is None else par.broadcast(t), epoch, progress)
             if exists(ckpt) and main: _save(ckpt, method, opt, amp, res, epoch, spec)
+            if epoch == start:   # after the first epoch: how long the whole run will take, said before anyone waits for it
+                res.estimate = estimate_run(sch, start, res.history[-1]['seconds'], time.time() - t_loop)
+                if exists(out_dir) and main: record(out_dir, 'estimate', res.estimate)
+                if progress: tqdm.write(f"{type(method).__name__}: estimated {res.estimate['text']} for the whole run")
+                check_time_limit(res.estimate, time_limit, limit_hint)
             tell(epoch + 1)
     bar.close()
     return res

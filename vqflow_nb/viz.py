@@ -13,7 +13,7 @@ from skimage.transform import resize
 from .core import exists, default, codebook_perplexity
 
 # %% auto #0
-__all__ = ['to_hwc', 'show_overlays', 'pick_cases', 'plot_class_bars', 'plot_score_hist', 'plot_codebook_usage']
+__all__ = ['to_hwc', 'show_overlays', 'pick_cases', 'plot_class_bars', 'plot_score_hist', 'plot_codebook_usage', 'plot_history']
 
 # %% ../nbs/03a_viz.ipynb #4cbd06a0
 def _np(x) -> np.ndarray:
@@ -188,3 +188,32 @@ def plot_codebook_usage(counts, # (K,) usage count of each code (e.g. torch.binc
     ax.set_title(f"{head}perplexity {ppl:.1f} of K={len(c)}, {int((c == 0).sum())} unused", fontsize=9)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/03a_viz.ipynb #78edb46d
+def _loss_scale(ax, y:np.ndarray):
+    "symlog when the values cross zero or span more than two decades, log when positive and spanning them, else linear."
+    y = y[np.isfinite(y)]
+    if not len(y): return
+    span = np.abs(y).max() / max(np.abs(y[y != 0]).min() if (y != 0).any() else 1.0, 1e-12)
+    if (y.min() < 0 < y.max()) or (y.min() < 0 and span > 100): ax.set_yscale('symlog', linthresh=max(float(np.percentile(np.abs(y), 10)), 1e-6))
+    elif y.min() > 0 and span > 100: ax.set_yscale('log')
+
+def plot_history(history, # `history.csv` of a run (a path) or the trainer's `FitResult.history` as a DataFrame / list of dicts
+                 evals:dict|None=None, # `FitResult.evals` (epoch -> metric table), for the third panel
+                 title:str='') -> 'matplotlib.figure.Figure':
+    "Learning curves of a run: loss and its parts, learning rate, and the test metrics of its evaluations."
+    h = pd.read_csv(history) if isinstance(history, (str, bytes)) or hasattr(history, 'read_text') else pd.DataFrame(history)
+    parts = [c for c in h.columns if c not in ('epoch', 'lr', 'seconds', 'world_size') and pd.api.types.is_numeric_dtype(h[c])]
+    fig, axs = plt.subplots(1, 3 if evals else 2, figsize=(12 if evals else 8.5, 3.2))
+    x = h['epoch'] + 1
+    for c in parts: axs[0].plot(x, h[c], marker='.', label=c, lw=2 if c == 'loss' else 1)
+    _loss_scale(axs[0], h[parts].to_numpy(dtype=float).ravel())
+    axs[0].set(xlabel='epoch', ylabel='training loss (epoch mean)', title='loss and its parts'); axs[0].legend(fontsize=7)
+    axs[1].plot(x, h['lr'], marker='.'); axs[1].set(xlabel='epoch', ylabel='learning rate (end of epoch)', title='learning rate')
+    if evals:
+        ev = pd.DataFrame({e + 1: t.loc['mean'] for e, t in sorted(evals.items())}).T
+        for m in ('i_auroc', 'p_auroc', 'aupro'):
+            if m in ev and ev[m].notna().any(): axs[2].plot(ev.index, ev[m], marker='o', label=m)
+        axs[2].set(xlabel='epoch', ylabel='class mean', title='test metrics (evaluations)', ylim=(0, 1.02)); axs[2].legend(loc='lower right')
+    if title: fig.suptitle(title)
+    fig.tight_layout(); return fig

@@ -18,10 +18,10 @@ from .flows import vqflow_flows, count_params, positional_encoding_2d, FusionCou
 from .core import codebook_perplexity
 from .codebooks import HierarchicalCodebooks
 from .prior import MixedGaussianPrior
-from .method import Schedule, Scores
+from .method import Method, Schedule, Scores, register_method
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'VQFlowConfig', 'VQFlow', 'flow_nll', 'vqflow_maps', 'shape_table']
+__all__ = ['ABLATIONS', 'AUTHORS', 'CPU_PROFILE', 'VQFlowConfig', 'VQFlow', 'flow_nll', 'vqflow_maps', 'shape_table', 'build']
 
 # %% ../nbs/10_vqflow.ipynb #e41903aa
 @dataclass
@@ -82,9 +82,9 @@ def small(cls:VQFlowConfig, stage_channels, **kw):
     return cls.for_channels(stage_channels, **{**dict(proto_dim=32, pe_dim=16, k_cpc=8, k_cspc=32), **kw})
 
 # %% ../nbs/10_vqflow.ipynb #f7fc4ce7
-class VQFlow(nn.Module):
+class VQFlow(Method):
     "VQ-Flow on frozen multi-scale features: `loss` for training, `score` for anomaly maps (label-free)."
-    needs_labels = False # VQ-Flow never reads the class label (code: `train.py:train_meta_epoch` drops `cls`)
+    needs_labels = 'no' # VQ-Flow never reads the class label (code: `train.py:train_meta_epoch` drops `cls`)
 
     def __init__(self, cfg:VQFlowConfig|None=None):
         super().__init__()
@@ -236,6 +236,11 @@ def on_epoch_end(self:VQFlow, epoch:int):
     self.usage_log.append(row)
     for b in books: b.reset_usage()
 
+@patch
+def codebook_usage(self:VQFlow) -> Tensor|None:
+    "The CPC's prototype use counts of the last epoch (None before the first epoch ends, or without codebooks)."
+    return self.usage['cpc'][0] if 'cpc' in getattr(self, 'usage', {}) else None
+
 # %% ../nbs/10_vqflow.ipynb #c69f3a5e
 def _shape(t:Tensor) -> str:
     "C×H² (square maps) or C×H×W of the first item of a batch; C for vectors."
@@ -260,3 +265,16 @@ def shape_table(cfg:VQFlowConfig, # the configuration
     rows['top (stage 4)'] = dict(backbone=_shape(feats[3]), flow_input='—', codebook=f"CPC {kd(books[0])}, CSPC {kd(books[-1])}",
                                  condition=_shape(cb['fusion_cond']), blocks='fusion', latent='—', params=count_params(m.fusion))
     return pd.DataFrame(rows).T
+
+# %% ../nbs/10_vqflow.ipynb #eb9c5ed2
+AUTHORS = dict(backbone='vqflow', image_size=384, epochs=60) # [code] main.py argparse
+CPU_PROFILE = dict(epochs=12, batch_size=8, lr=1e-3, warmup_epochs=2, eval_every=4) # measured on the embedded benchmark, 2 cores
+
+def build(channels, *, variant:str='code', small:bool=False, seed:int|None=None, **_) -> VQFlow:
+    "VQ-Flow for a backbone with these stage `channels`: variant 'code' / 'paper', or an ablation configuration (`ABLATIONS`)."
+    if variant in ('code', 'paper'): cfg = (VQFlowConfig.small if small else VQFlowConfig.for_channels)(channels, variant=variant, seed=seed)
+    elif variant in ABLATIONS: cfg = VQFlowConfig.ablation(variant, channels, small=small, seed=seed)
+    else: raise ValueError(f"VQ-Flow variant {variant!r}: expected 'code', 'paper' or one of {list(ABLATIONS)}")
+    return VQFlow(cfg)
+
+register_method('vqflow', build, AUTHORS, offline='offline', cpu=CPU_PROFILE)
