@@ -52,7 +52,9 @@ from vqflow_nb.run import die_with_parent
 die_with_parent()
 t_start = time.time()
 if method == "slow": time.sleep(3)
-if method == "hang": Path(out_dir, "kernel.pid").write_text(str(os.getpid())); time.sleep(120)
+if method == "hang":   # report its pid and its parent-death signal (PR_GET_PDEATHSIG), then wait to be killed
+    import ctypes; sig = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(sig))
+    Path(out_dir, "kernel.pid").write_text(f"{os.getpid()} {sig.value}"); time.sleep(120)
 if method == "broken": raise RuntimeError("boom: this run fails on purpose")
 if method != "nometrics":
     record(out_dir, "metrics", stand_in_metrics(dataset, method, dict(a=0.9), epochs=epochs, seed=seed,
@@ -204,7 +206,8 @@ def test_killed_runner_takes_its_kernel_with_it(tmp_path):
         if found and found[0].read_text(): pid_file = found[0]; break
         time.sleep(0.5)
     assert pid_file is not None, 'the kernel never started'
-    kpid = int(pid_file.read_text())
+    kpid, sig = map(int, pid_file.read_text().split())
+    assert sig == signal.SIGKILL, f'the kernel is not armed to die with its runner (parent-death signal {sig})'
     os.kill(runner.pid, signal.SIGKILL); runner.wait()
     for _ in range(20):
         try: os.kill(kpid, 0)
@@ -212,3 +215,15 @@ def test_killed_runner_takes_its_kernel_with_it(tmp_path):
         time.sleep(0.25)
     else:
         os.kill(kpid, signal.SIGKILL); raise AssertionError('the kernel outlived its runner')
+
+def test_torchrun_failure_is_one_line_and_recorded(tmp_path):
+    "A run started by torchrun that fails: exit status 1, one line per rank (no traceback), a failures.csv row from rank 0."
+    import os, socket, subprocess, sys
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    env = dict(os.environ, RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    p = subprocess.run([sys.executable, '-m', 'vqflow_nb.cluster', '--dataset', 'mvtec_ad', '-p', f'data_root={tmp_path/"nowhere"}',
+                        '-p', 'device=cpu', '--results', str(tmp_path/'res')], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert 'Traceback' not in p.stderr and 'rank 0: the run failed: FileNotFoundError' in p.stderr, p.stderr
+    fails = pd.read_csv(tmp_path/'res'/'failures.csv')
+    assert list(fails['error']) == ['FileNotFoundError'] and 'does not exist' in fails['message'][0]

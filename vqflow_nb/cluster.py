@@ -168,3 +168,7 @@ def torchrun_main(argv=None) -> int:
         return 1
     if rank == 0: print(out)
     return 0
+
+# %% ../nbs/31a_cluster.ipynb #850f392c
+#| eval: false
+if __name__ == '__main__': sys.exit(torchrun_main())

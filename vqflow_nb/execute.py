@@ -78,7 +78,7 @@ def run_task(notebook:str|Path, # the replication notebook
     "Execute one run and mark it finished; returns status, error, message, seconds and the node."
     out, t0 = Path(out), time.time()
     if fresh and (out/'complete.json').exists(): shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True); (out/'progress.json').unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)   # a retry keeps the folder: the run resumes from its checkpoint
     with kernel_env(threads): status, err, msg = execute_notebook(Path(notebook), out, dict(params, out_dir=str(out)), kernel, timeout)
     if status in ('ok', 'degenerate'): mark_complete(out, status, time.time() - t0, node=platform.node())
     return dict(status=status, error=err, message=msg, seconds=time.time() - t0, node=platform.node())

@@ -52,13 +52,14 @@ def write_run(out_dir:str|Path, # the run's folder
               kinds:pd.DataFrame|None=None, # per-defect-kind table (`per_kind_table`), where the data names kinds
               env:dict|None=None, # provenance (`core.provenance`) for env.json
               seconds:float|None=None, # wall time of the run
+              method_record:dict|None=None, # what the method adds (`Method.run_record`): codebook usage, prototypes, ...
              ) -> dict:
-    "Write metrics.json (the common schema), the per-class, per-kind and history tables and env.json; return the metrics."
+    "Write metrics.json (the common schema), the per-class, per-kind, history and evaluation tables and env.json; return the metrics."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     m = dict(info, last=dict(epoch=res.last_epoch, **table_dict(res.last)),
              best=dict(epoch=res.best_epoch, selection='max mean(i_auroc) + mean(p_auroc) on the test set', **table_dict(res.best)),
              best_per_metric=res.best_per_metric(), converged=loss_flattened(res.history), seconds=seconds,
-             estimate=getattr(res, 'estimate', None))
+             estimate=res.estimate, method_record=method_record or {})
     if kinds is not None:
         m['per_defect_kind'] = {k: {c: (None if pd.isna(v) else float(v)) for c, v in r.items()} for k, r in kinds.iterrows()}
         kinds.rename_axis('defect_kind').to_csv(out_dir/'per_defect_kind.csv')
@@ -67,6 +68,7 @@ def write_run(out_dir:str|Path, # the run's folder
     res.last.rename_axis('class').to_csv(out_dir/'per_class.csv')
     res.best.rename_axis('class').to_csv(out_dir/'per_class_best.csv')
     pd.DataFrame(res.history).to_csv(out_dir/'history.csv', index=False)
+    pd.DataFrame([dict(epoch=e, **t.loc['mean'].to_dict()) for e, t in sorted(res.evals.items())]).to_csv(out_dir/'evals.csv', index=False)
     record(out_dir, 'metrics', m)
     if m['degenerate']: print(f"\n!!! DEGENERATE RUN: {m['degenerate_detail']['last']} — its numbers are NOT a result !!!\n", file=sys.stderr)
     return m

@@ -157,12 +157,16 @@ class RunFolderBusy(RuntimeError):
     "Another process is writing this run folder."
 
 @contextlib.contextmanager
-def run_lock(out_dir:str|Path):
+def run_lock(out_dir:str|Path, wait:float=10.0, # seconds to wait for another writer to end
+            ):
     "Hold the exclusive writer's lock of a run folder for the block; `RunFolderBusy` when another process holds it."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir/'.lock', 'a') as f:
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError: raise RunFolderBusy(f'{out_dir} is being written by another process (its .lock is held)') from None
+        for i in range(int(wait / 0.1) + 1):   # an orphan of a killed runner dies within a second: wait for it, briefly
+            try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+            except BlockingIOError:
+                if i * 0.1 >= wait: raise RunFolderBusy(f'{out_dir} is being written by another process (its .lock is held)') from None
+                time.sleep(0.1)
         try: yield out_dir
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -232,7 +236,8 @@ def run_experiment(cfg:RunConfig|str|None=None, # a `RunConfig`, or a dataset na
         run['scores'] = default(res.scores, lambda: collect_scores(model, test_s, device=dev, progress=False))   # a resumed, finished run re-scores
         run['metrics'] = write_run(out_dir, run_info(cfg, run, preset, small, root), res, per_kind_table(run['scores'], test_ds),
                                    env=provenance(dev, seed=cfg.seed, weights=ext.weights_source, variant=cfg.variant,
-                                                  extractor=ext.config), seconds=time.time() - t_start)
+                                                  extractor=ext.config), seconds=time.time() - t_start,
+                                   method_record=model.run_record(test_s))
     return run
 
 # %% ../nbs/30c_run.ipynb #5b34f434

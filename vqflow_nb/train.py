@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .core import exists, default, get_device, seed_everything, hash_dict, record, cpu_memory_mode
-from .method import Scores, Schedule   # the method interface (07_method); re-exported for existing imports
+from .method import Method, Scores, Schedule   # the method interface (07_method); re-exported for existing imports
 from .metrics import METRIC_KEYS
 
 # %% auto #0

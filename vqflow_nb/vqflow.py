@@ -266,6 +266,28 @@ def shape_table(cfg:VQFlowConfig, # the configuration
                                  condition=_shape(cb['fusion_cond']), blocks='fusion', latent='—', params=count_params(m.fusion))
     return pd.DataFrame(rows).T
 
+# %% ../nbs/10_vqflow.ipynb #eb88c7ac
+@patch
+@torch.no_grad()
+def prototype_table(self:VQFlow, store, batch_size:int=32) -> dict:
+    "Class x prototype counts of the items of `store`, purity and prototypes used ({} without a CPC codebook)."
+    from vqflow_nb.codebooks import contingency, purity
+    if self.codebooks is None or self.codebooks.cpc.codebook is None: return {}
+    was, dev = self.training, next(self.parameters()).device
+    self.eval(); idx = []
+    for a in range(0, len(store), batch_size):
+        b = torch.utils.data.default_collate([store[i] for i in range(a, min(a + batch_size, len(store)))])
+        idx.append(self([f.to(dev) for f in b['feats']])['proto_index'].cpu())
+    self.train(was)
+    tab = contingency(torch.tensor([int(c) for c in store.cls_index]), torch.cat(idx), self.cfg.k_cpc)
+    return dict(table=tab.tolist(), purity=purity(tab), used=int((tab.sum(0) > 0).sum()))
+
+@patch
+def run_record(self:VQFlow, test_store) -> dict:
+    "The run's codebook record: the usage log of every epoch and the test set's class x prototype table."
+    return dict(usage=[{k: (float(v) if isinstance(v, float) else v) for k, v in r.items()} for r in self.usage_log],
+                prototypes=self.prototype_table(test_store))
+
 # %% ../nbs/10_vqflow.ipynb #eb9c5ed2
 AUTHORS = dict(backbone='vqflow', image_size=384, epochs=60) # [code] main.py argparse
 CPU_PROFILE = dict(epochs=12, batch_size=8, lr=1e-3, warmup_epochs=2, eval_every=4) # measured on the embedded benchmark, 2 cores
