@@ -226,7 +226,7 @@ def test_lr_schedule_matches_the_authors_loop():
     assert sch.epochs == 200
     groups = m.param_groups(sch)
     theirs = _authors_lrs(2e-4, 25, 8, 5)
-    ours = np.array([[sch.lr * m.lr_factor(e, s, 5) * g.get('lr_scale', 1.0) for g in groups] for e in range(200) for s in range(5)])
+    ours = np.array([[sch.lr * m.lr_factor(sch, e, s, 5) * g.get('lr_scale', 1.0) for g in groups] for e in range(200) for s in range(5)])
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)           # the 3x of the centres never takes effect
     p = _tiny('paper'); gp = p.param_groups(sch)
     assert [g.get('lr_scale', 1.0) for g in gp] == [1.0, 3.0, 1.0]
@@ -236,10 +236,13 @@ def test_lr_schedule_matches_the_authors_loop():
 def test_meta_layout_and_stage_switch():
     assert meta_layout(200) == (25, 8) and meta_layout(16) == (16, 1) and meta_layout(100) == (25, 4)
     m = _tiny()
-    m.param_groups(replace(m.schedule(), epochs=16))
+    sch = replace(m.schedule(), epochs=16)
     stages = []
-    for e in range(16): m.passes_done.fill_(e); stages.append(bool(m.stage2()))
+    for e in range(16): m.passes_done.fill_(e); stages.append(bool(m.stage2(sch.epochs)))
     assert stages == [False, False] + [True] * 14
+    m.param_groups(sch)   # no side effect: the run's length reaches HGAD only through the schedule it is given
+    m.passes_done.fill_(2); assert not m.stage2() and m.stage2(16)   # the authors' 200 epochs: meta-epoch 0 of 25
+    assert m.lr_factor(sch, 15, 0, 5) != m.lr_factor(m.schedule(), 15, 0, 5)
     assert hgad_lr_factor(0, 0, 10, 16) == pytest.approx(0.1)
 
 

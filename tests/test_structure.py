@@ -45,3 +45,11 @@ def test_the_checks_see_a_cycle_and_a_private_import(tmp_path, monkeypatch):
     import pytest
     with pytest.raises(AssertionError): test_no_private_names_across_modules()
     with pytest.raises(AssertionError): test_no_import_cycles()
+
+def test_trainer_and_runner_ask_no_method_for_its_hooks():
+    "The method contract is code (07_method's `Method`): the trainer and the run layer never probe a method with hasattr/getattr."
+    import re
+    for mod in ('train', 'run', 'record', 'execute', 'replicate', 'plan', 'cluster'):
+        src = (PKG/f'{mod}.py').read_text()
+        bad = re.findall(r'(?:hasattr|getattr)\((?:method|model)\b[^)]*\)', src)
+        assert not bad, (mod, bad)

@@ -13,7 +13,8 @@ import torch
 
 # %% auto #0
 __all__ = ['exists', 'default', 'codebook_perplexity', 'project_root', 'in_test', 'seed_everything', 'get_device', 'set_threads',
-           'cpu_memory_mode', 'package_versions', 'provenance', 'record', 'file_fingerprint', 'hash_dict', 'file_lock']
+           'cpu_memory_mode', 'package_versions', 'provenance', 'record', 'content_digest', 'file_fingerprint',
+           'hash_dict', 'file_lock']
 
 # %% ../nbs/00_core.ipynb #fcd9dff6
 def exists(x) -> bool:
@@ -145,15 +146,24 @@ def record(out_dir:str|Path, # folder of the run (created if missing)
     return fn
 
 # %% ../nbs/00_core.ipynb #fddd3a38
+_DIGESTS = {}   # (path, size, mtime_ns, ctime_ns, inode) -> sha1 of the file's bytes, for this process
+
+def content_digest(path:str|Path) -> str:
+    "sha1 of a file's bytes, remembered under its path, size, modification and change times and inode."
+    p = Path(path).resolve(); st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        with open(p, 'rb') as f: _DIGESTS[key] = hashlib.file_digest(f, 'sha1').hexdigest()
+    return _DIGESTS[key]
+
 def file_fingerprint(paths, # iterable of file paths
-                     root:str|Path|None=None, # paths are recorded relative to this folder (so moving the dataset keeps the key)
+                     root:str|Path|None=None, # names are recorded relative to this folder (so moving the dataset keeps the key)
                     ) -> str:
-    "sha1 over the sorted (path, size, mtime) of `paths`."
+    "sha1 over the sorted (name, content digest) of `paths`: the fingerprint of both the feature cache and the run id."
     h = hashlib.sha1()
     for p in sorted(Path(p) for p in paths):
-        st = p.stat()
         rel = p.relative_to(root) if exists(root) else p
-        h.update(f'{rel.as_posix()}|{st.st_size}|{int(st.st_mtime)}\n'.encode())
+        h.update(f'{rel.as_posix()}|{content_digest(p)}\n'.encode())
     return h.hexdigest()
 
 def hash_dict(d:dict, n:int=12) -> str:

@@ -63,6 +63,7 @@ class Method(nn.Module):
     needs_labels:str = 'no' # one of `LABEL_USES`
     needs_images:bool = False # True: the method runs its backbone itself on images (`ImageStore`), not on cached features
     find_unused_parameters:bool = False # DDP's flag, for methods whose loss leaves some parameters unused
+    cfg = None # the method's configuration dataclass (recorded in metrics.json as it ran); None: it has none
 
     def schedule(self) -> Schedule: return Schedule()
     def loss(self, feats:list, batch:dict) -> dict:

@@ -130,7 +130,7 @@ def deviations(model, sch, # the method and the schedule it trained with
 
 def ran_config(model, sch) -> dict|None:
     "The model's configuration as it ran: schedule-like fields of the config replaced by the schedule actually used."
-    cfg = getattr(model, 'cfg', None)   # a method's configuration dataclass, where it has one
+    cfg = model.cfg   # the method's configuration dataclass (`Method.cfg`), None where it has none
     if cfg is None: return None
     d, s = asdict(cfg), asdict(sch)
     return {k: (s[k] if k in s else v) for k, v in d.items()}

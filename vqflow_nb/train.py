@@ -206,7 +206,7 @@ def _schedule_spec(sch:Schedule) -> dict:
 
 def run_spec(method:nn.Module, sch:Schedule, seed:int, train_store, test_store=None) -> dict:
     "What identifies a training run (see above): a JSON-able dict."
-    cfg = getattr(method, 'cfg', None)
+    cfg = method.cfg   # `Method.cfg`: None where the method has no configuration dataclass
     return dict(method=type(method).__name__, config=asdict(cfg) if cfg is not None and hasattr(cfg, '__dataclass_fields__') else None,
                 schedule=_schedule_spec(sch), seed=seed, train_data=getattr(train_store, 'key', None),
                 test_data=getattr(test_store, 'key', None) if exists(test_store) else None)
