@@ -82,7 +82,8 @@ def test_bad_inputs(tmp_path):
     r = make_synthetic(tmp_path / "b", **KW)
     with pytest.raises(DatasetError, match="class folder"): scan_mvtec(r, "train", ["cable"])
     p = r / "bar/train/good/000.png"; p.write_bytes(b"garbage")
-    ds = AnomalyDataset(r, "train", verbose=False)
+    with pytest.raises(DatasetError, match="000.png"): AnomalyDataset(r, "train", verbose=False)   # at load
+    ds = AnomalyDataset(r, "train", verbose=False, check_files=False)
     with pytest.raises(DatasetError, match="000.png"): ds[0]
     m = next((r / "leather/ground_truth").rglob("*_mask.png"))
     Image.fromarray(np.zeros((64, 32), np.uint8)).save(m)
@@ -113,6 +114,7 @@ def test_single_label_test_class_fails_at_load(tmp_path, keep):
     t = r / "leather/test"
     for d in t.iterdir():
         if (d.name == "good") == (keep == "defective"): shutil.rmtree(d)
+    if keep == "good": shutil.rmtree(r / "leather/ground_truth")   # else its masks without images are the error
     want = "2 good and 0 defective" if keep == "good" else "0 good and 2 defective"
     with pytest.raises(DatasetError, match=f"class 'leather'.*{want}"): AnomalyDataset(r, "test", verbose=False)
     AnomalyDataset(r, "train", verbose=False)  # the training split is normal-only by design: fine
@@ -228,3 +230,78 @@ def test_symlinked_class_folder_refused(tmp_path):
     for sub in ("test", "ground_truth"):
         (r / "leather" / sub / "dup").symlink_to(r / "leather" / sub / d, target_is_directory=True)
     with pytest.raises(DatasetError, match="twice"): scan_mvtec(r, "test")
+
+
+# ---- issue 20, defect 6: readers that lost data or failures silently ----
+
+def _png16(a, path):
+    "Write a uint16 (H,W,3) array as a 16-bit RGB PNG (Pillow cannot)."
+    import struct, zlib
+    h, w, _ = a.shape
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+    raw = b"".join(b"\0" + a[i].astype(">u2").tobytes() for i in range(h))
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+def test_masks_without_test_folder_are_an_error(tmp_path):
+    r = make_synthetic(tmp_path / "d", **SMALL)
+    (t,) = [d for d in (r / "bar/test").iterdir() if d.name != "good"][:1]
+    assert (r / "bar/ground_truth" / t.name).is_dir()
+    shutil.rmtree(t)   # the type's images gone, its masks still there
+    with pytest.raises(DatasetError, match=rf"defect type\(s\) \['{t.name}'\].*ground_truth/{t.name}.*no test folder"):
+        AnomalyDataset(r, "test", verbose=False)
+
+def test_realiad_misspelt_normal_label_is_named(tmp_path):
+    import json
+    from vqflow_nb.synthetic import write_fixture
+    root = write_fixture(tmp_path / "riad", "realiad")
+    f = root / "realiad_jsons/realiad_jsons/pcb.json"; d = json.loads(f.read_text())
+    i = next(k for k, e in enumerate(d["test"]) if e["anomaly_class"] == "OK")
+    d["test"][i]["anomaly_class"] = "ok"; f.write_text(json.dumps(d))
+    with pytest.raises(DatasetError, match=rf"pcb.json \(test\[{i}\]\): anomaly_class 'ok' .* not the normal label 'OK'"):
+        scan_dataset(root, "test")
+
+def test_16bit_rgb_mask_with_small_values(tmp_path):
+    r = make_synthetic(tmp_path / "d", **SMALL)
+    mp = sorted((r / "leather/ground_truth").rglob("*_mask.png"))[0]
+    truth = np.asarray(Image.open(mp)) > 0
+    _png16(np.repeat(truth[..., None].astype(np.uint16), 3, -1) * np.array([3, 0, 1], np.uint16), mp)  # values 0..3
+    assert not np.asarray(Image.open(mp)).any()                     # what Pillow alone reads: empty
+    ds = AnomalyDataset(r, "test", image_size=None, verbose=False)
+    i = [x.mask_path for x in ds.records].index(mp)
+    assert ds[i].mask[0].numpy().astype(bool).tolist() == truth.tolist()
+    g = tmp_path / "g16.png"; Image.fromarray(truth.astype(np.uint16) * 2).save(g)   # 16-bit greyscale: values kept
+    from vqflow_nb.data import open_mask
+    assert (open_mask(g) == truth).all()
+
+def test_12bit_data_in_16bit_files_rescaled_with_warning(tmp_path):
+    from vqflow_nb.data import open_image
+    a12 = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)
+    for name, write in (("g12.png", lambda p: Image.fromarray(a12).save(p)),
+                        ("rgb12.png", lambda p: _png16(np.repeat(a12[..., None], 3, -1), p))):
+        d = tmp_path / name[:-4]; d.mkdir(); p = d / name; write(p)
+        x, w = _warns(lambda: np.asarray(open_image(p)))
+        assert np.abs(x[..., 0] / 255 - a12 / 4095).max() <= 0.51 / 255, name
+        assert any(name in m and "12-bit" in m for m in w), w
+
+def test_rgba_alpha_dropped_and_warned_once(tmp_path):
+    r = make_synthetic(tmp_path / "d", **SMALL)
+    ps = sorted((r / "bar/train/good").glob("*.png"))[:2]
+    want = [np.asarray(Image.open(p).convert("RGB")) for p in ps]
+    for p, a in zip(ps, want):
+        Image.fromarray(np.dstack([a, np.zeros(a.shape[:2], np.uint8)]), "RGBA").save(p)   # fully transparent
+    ds, w = _warns(lambda: AnomalyDataset(r, "train", image_size=None, verbose=False))
+    assert [m for m in w if "alpha" in m] and len([m for m in w if "alpha" in m]) == 1 and "2 images" in w[0] + "".join(w)
+    for p, a in zip(ps, want):
+        i = [x.path for x in ds.records].index(p)
+        assert np.array_equal((ds[i].image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), a)
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_truncated_image_fails_at_load(tmp_path, ext):
+    r = make_synthetic(tmp_path / "d", **SMALL)
+    p = sorted((r / "leather/test/good").glob("*.png"))[0]
+    if ext == "jpg":
+        q = p.with_suffix(".jpg"); Image.open(p).convert("RGB").save(q, quality=90); p.unlink(); p = q
+    p.write_bytes(p.read_bytes()[: p.stat().st_size * 2 // 3])
+    with pytest.raises(DatasetError, match=rf"{p.name} is truncated"):
+        AnomalyDataset(r, "test", verbose=False)

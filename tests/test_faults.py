@@ -81,6 +81,7 @@ def _kill_when(proc, cond, timeout=300):
 def _finish(proc):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and 'DONE' in out, out[-3000:]
+    return out
 
 def test_sigkill_mid_training_resumes(tmp_path):
     cache, code = tmp_path/'cache', _RUN.format(epochs=6)
@@ -107,8 +108,12 @@ from vqflow_nb.features import FeatureExtractor, extract_features
 from vqflow_nb.run import synthetic_root
 torch.set_num_threads(1)
 ds = AnomalyDataset(synthetic_root(), 'train', image_size=128, verbose=False)
-st = extract_features(ds, FeatureExtractor.from_preset('offline', input_size=128), sys.argv[1], batch_size=2, progress=False)
-print('DONE', len(st))
+ex = FeatureExtractor.from_preset('offline', input_size=128)
+_ = ex.shapes   # its probe forward pass, before the count starts
+seen = []   # the images this process runs through the backbone: a resumed cache extracts only the rest
+ex.backbone.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+st = extract_features(ds, ex, sys.argv[1], batch_size=2, progress=False)
+print('DONE', len(st), 'EXTRACTED', sum(seen))
 '''
 
 def test_sigkill_mid_feature_cache_resumes(tmp_path):
@@ -120,7 +125,11 @@ def test_sigkill_mid_feature_cache_resumes(tmp_path):
         return bool(prog) and json.loads(prog[0].read_text() or '{"done": 0}')['done'] >= 6
     _kill_when(p, partway)
     assert not [d for d in (tmp_path/'killed').iterdir() if d.is_dir() and not d.name.endswith('.partial')]
-    _finish(_spawn(_EXTRACT, tmp_path/'killed'))
+    (prog,) = (tmp_path/'killed').glob('*.partial/progress.json')
+    done = json.loads(prog.read_text())['done']                        # what the killed process had saved
+    out = _finish(_spawn(_EXTRACT, tmp_path/'killed'))
+    n, extracted = map(int, out.split('DONE ')[1].split()[::2])
+    assert 0 < done < n and extracted == n - done, (done, n, extracted)   # resumed, not restarted
     (fa,), (fb,) = ([d for d in (tmp_path/x).iterdir() if d.is_dir()] for x in ('full', 'killed'))
     a, b = FeatureStore.load(fa), FeatureStore.load(fb)
     assert len(a) == len(b) and a.paths == b.paths

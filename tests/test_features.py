@@ -159,3 +159,32 @@ def test_relabelled_dataset_is_another_cache_key(tmp_path):
     ds.has_masks = {'a': True}; assert cache_key(ds, ex) != k3       # a class's masks switched on or off
     st = extract_features(ds, ex, cache_dir=tmp_path / 'c', batch_size=3, progress=False)
     assert st.key == cache_key(ds, ex) and json.loads((st.root / 'key.json').read_text())['dataset']['labels'] == k3['dataset']['labels']
+
+
+def test_same_size_pixel_change_with_restored_mtime_is_a_cache_miss(tmp_path, monkeypatch):
+    "Issue 20, defect 1: new pixels in a file of the same size whose mtime was set back (`cp -p`, `rsync -a`, `tar`) must not be served the old features."
+    import os, time
+    from PIL import Image
+    from vqflow_nb import core
+    from vqflow_nb.features import cache_key
+    monkeypatch.setenv('VQFLOW_DIGEST_MEMO', str(tmp_path / 'memo.json'))
+    monkeypatch.setattr(core, '_RACY_S', -1.0)   # remember the digests of these just-written files (the memo is under test too)
+    ds = _dataset(tmp_path / 'data')
+    rng = np.random.default_rng(1)
+    for r in ds.records:   # uncompressed PNGs: the file size depends only on the image size
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(r.path, compress_level=0)
+        os.utime(r.path, ns=(10**18, 10**18))
+    ex = FeatureExtractor('tf_efficientnet_lite0', (2,), input_size=32, weights='random')
+    st = extract_features(ds, ex, cache_dir=tmp_path / 'c', batch_size=3, progress=False)
+    p = ds.records[4].path; s0 = p.stat(); time.sleep(0.01)
+    Image.fromarray(255 - np.asarray(Image.open(p))).save(p, compress_level=0)   # other pixels, in place
+    os.utime(p, ns=(s0.st_atime_ns, s0.st_mtime_ns))
+    s1 = p.stat()
+    assert (s1.st_size, s1.st_mtime_ns, s1.st_ino) == (s0.st_size, s0.st_mtime_ns, s0.st_ino)
+    assert cache_key(ds, ex)['dataset']['files'] != st.key['dataset']['files']
+    st2 = extract_features(ds, ex, cache_dir=tmp_path / 'c', batch_size=3, progress=False)
+    assert st2.root != st.root                                           # a miss: extracted again
+    old, new = (np.asarray(s.feats[0], dtype=np.float32) for s in (st, st2))
+    assert not np.allclose(old[4], new[4]) and np.array_equal(old[:4], new[:4])
+    core._DIGESTS.clear()                                                # a new process, with only the disk memo
+    assert extract_features(ds, ex, cache_dir=tmp_path / 'c', batch_size=3, progress=False).root == st2.root

@@ -1,6 +1,6 @@
 """The readers of the other benchmarks' layouts (BTAD, MPDD, MVTec 3D-AD, MVTec AD 2, Real-IAD, unions), each read from a
 fixture written in that layout, and a smoke replication of a union through the MVTec-layout notebook."""
-import json, shutil, time
+import json, os, shutil, time
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +78,12 @@ def test_realiad_json_naming_missing_file(fx, tmp_path):
 
 def test_fingerprint_covers_split_files(fx, tmp_path):
     root = shutil.copytree(fx["realiad"], tmp_path / "riad")
-    fp = data_fingerprint(root)
     f = root / "realiad_jsons/realiad_jsons/audiojack.json"; d = json.loads(f.read_text())
+    f.write_text(json.dumps(d)); size, mtime = f.stat().st_size, f.stat().st_mtime_ns
+    fp = data_fingerprint(root)
     d["test"].append(d["train"].pop())   # the same image files, another split: another dataset
-    f.write_text(json.dumps(d))
+    f.write_text(json.dumps(d)); os.utime(f, ns=(mtime, mtime))
+    assert f.stat().st_size == size      # the same size and mtime: only the content tells
     assert data_fingerprint(root) != fp
     # a union: its parts' files under the parts' names; the same part alone has the same class subset fingerprint
     u = resolve_data("union", [["btad", str(fx["btad"])], ["mpdd", str(fx["mpdd"])]])

@@ -13,7 +13,7 @@ import torch
 
 # %% auto #0
 __all__ = ['exists', 'default', 'codebook_perplexity', 'project_root', 'in_test', 'seed_everything', 'get_device', 'set_threads',
-           'cpu_memory_mode', 'package_versions', 'provenance', 'record', 'content_digest', 'file_fingerprint',
+           'cpu_memory_mode', 'package_versions', 'provenance', 'record', 'file_digest', 'file_fingerprint',
            'hash_dict', 'file_lock']
 
 # %% ../nbs/00_core.ipynb #fcd9dff6
@@ -146,29 +146,65 @@ def record(out_dir:str|Path, # folder of the run (created if missing)
     return fn
 
 # %% ../nbs/00_core.ipynb #fddd3a38
-_DIGESTS = {}   # (path, size, mtime_ns, ctime_ns, inode) -> sha1 of the file's bytes, for this process
+_RACY_S = 2.0   # seconds: a file changed this recently is hashed but its digest not remembered (git's racy-clean rule)
+_DIGESTS = {}   # in-process memo: absolute path -> [stat key, sha1 hex]
 
-def content_digest(path:str|Path) -> str:
-    "sha1 of a file's bytes, remembered under its path, size, modification and change times and inode."
-    p = Path(path).resolve(); st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    if key not in _DIGESTS:
-        with open(p, 'rb') as f: _DIGESTS[key] = hashlib.file_digest(f, 'sha1').hexdigest()
-    return _DIGESTS[key]
+def _stat_key(st) -> list: return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+def _memo_path() -> Path|None:
+    "The on-disk digest memo: `$VQFLOW_DIGEST_MEMO`, else `<project>/.cache/file_digests.json` (None outside a project)."
+    if os.environ.get('VQFLOW_DIGEST_MEMO'): return Path(os.environ['VQFLOW_DIGEST_MEMO'])
+    try: return project_root()/'.cache'/'file_digests.json'
+    except FileNotFoundError: return None
+
+def _read_memo(fn:Path|None) -> dict:
+    try: return json.loads(fn.read_text()) if exists(fn) and fn.exists() else {}
+    except (OSError, ValueError): return {}   # unreadable or half-written by an old version: start again (a cache only)
+
+def _write_memo(fn:Path|None, new:dict):
+    "Merge `new` into the memo on disk, atomically (a concurrent writer's entries may be lost: they are re-hashed later)."
+    if not exists(fn) or not new: return
+    try:
+        fn.parent.mkdir(parents=True, exist_ok=True)
+        memo = {**_read_memo(fn), **new}
+        tmp = fn.with_name(f'.{fn.name}.{os.getpid()}.tmp')
+        tmp.write_text(json.dumps(memo)); os.replace(tmp, fn)
+    except OSError: pass   # a read-only project: the in-process memo still works
+
+
+# %% ../nbs/00_core.ipynb #c0d1e2f3
+def file_digest(path:str|Path, # a file
+               ) -> str:
+    "sha1 of the bytes of `path`, remembered under its stat key (see above) in the process and in the on-disk memo."
+    p = Path(path).absolute(); k = str(p); st = p.stat(); key = _stat_key(st)
+    hit = _DIGESTS.get(k)
+    if hit and hit[0] == key: return hit[1]
+    with open(p, 'rb') as fh: d = hashlib.file_digest(fh, 'sha1').hexdigest()
+    st2 = p.stat()
+    if _stat_key(st2) == key and time.time() - max(st.st_mtime, st.st_ctime) > _RACY_S: _DIGESTS[k] = [key, d]
+    return d
 
 def file_fingerprint(paths, # iterable of file paths
-                     root:str|Path|None=None, # names are recorded relative to this folder (so moving the dataset keeps the key)
+                     root:str|Path|None=None, # paths are recorded relative to this folder (so moving the dataset keeps the key)
                     ) -> str:
-    "sha1 over the sorted (name, content digest) of `paths`: the fingerprint of both the feature cache and the run id."
+    "sha1 over the sorted (relative posix name, sha1 of the file's bytes) of `paths` (digests memoised, see above)."
+    paths = sorted(Path(p) for p in paths)
+    fn = _memo_path(); disk = _read_memo(fn)
+    for p in paths:   # adopt the disk memo's entries; `file_digest` checks each against the file's current stat
+        k = str(p.absolute())
+        if k not in _DIGESTS and k in disk: _DIGESTS[k] = disk[k]
     h = hashlib.sha1()
-    for p in sorted(Path(p) for p in paths):
+    for p in paths:
         rel = p.relative_to(root) if exists(root) else p
-        h.update(f'{rel.as_posix()}|{content_digest(p)}\n'.encode())
+        h.update(f'{rel.as_posix()}|{file_digest(p)}\n'.encode())
+    new = {k: v for k, v in ((str(p.absolute()), _DIGESTS.get(str(p.absolute()))) for p in paths) if v and disk.get(k) != v}
+    _write_memo(fn, new)
     return h.hexdigest()
 
 def hash_dict(d:dict, n:int=12) -> str:
     "Short stable hash of a JSON-able dict (cache keys, run ids)."
     return hashlib.sha1(json.dumps(_jsonable(d), sort_keys=True).encode()).hexdigest()[:n]
+
 
 # %% ../nbs/00_core.ipynb #e8f42966
 import contextlib, fcntl

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 from PIL import Image
+import imagecodecs
 from fastcore.basics import patch
 
 # %% auto #0
@@ -19,8 +20,8 @@ __all__ = ['MVTEC_CLASSES', 'VISA_CLASSES', 'BTAD_CLASSES', 'MPDD_CLASSES', 'MVT
            'REALIAD_CLASSES', 'IMAGE_EXTS', 'UNION_SEP', 'FORMATS', 'RESAMPLE', 'DatasetError', 'Record', 'scan_mvtec',
            'scan_visa_csv', 'scan_btad', 'scan_mvtec3d', 'scan_mvtec_ad2', 'unlabeled_images', 'RealIADRoot',
            'realiad_root', 'scan_realiad', 'DatasetUnion', 'union_of', 'split_union_classes', 'scan_union', 'as_root',
-           'detect_format', 'scan_dataset', 'split_files', 'open_image', 'open_mask', 'Sample', 'AnomalyDataset',
-           'collate_samples']
+           'detect_format', 'scan_dataset', 'split_files', 'open_image', 'open_mask', 'check_image_file', 'Sample',
+           'AnomalyDataset', 'collate_samples']
 
 # %% ../nbs/01_data.ipynb #a508fb40
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -161,12 +162,22 @@ def _scan_train(cdir:Path, c:str, tree:_Tree) -> list[Record]:
         warnings.warn(f"ignoring {extra} in {top}: only {tree.train} is read")
     return [Record(p, None, 0, "good", c, "train") for p in imgs]
 
+def _check_mask_types(cdir:Path, c:str, tree:_Tree, tdir:Path, types:list[str]):
+    "A defect type with masks but no test folder: its images are missing, so the test set would silently shrink."
+    if not tree.gt.endswith("/{type}"): return  # MVTec 3D-AD keeps masks inside the type folder: nothing to compare
+    gt_root = cdir / tree.gt[:-len("/{type}")]
+    if orphans := sorted(d.name for d in gt_root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in types):
+        raise DatasetError(f"class {c!r}: defect type(s) {orphans} have masks in {gt_root / orphans[0]} but no test folder "
+                           f"{tdir / orphans[0]}: their images are missing, so the test set would lack them; restore the "
+                           "folder(s), or remove the masks to leave the type out on purpose")
+
 def _scan_test(cdir:Path, c:str, tree:_Tree) -> list[Record]:
     "The test images of class folder `cdir`, one type folder each; a class with masks needs one for every defect image."
     tdir, masks = cdir / tree.test, tree.has_masks(cdir)
     if not tdir.is_dir(): raise DatasetError(f"class {c!r} has no {tree.test} folder ({tdir} missing)")
     types = sorted(d.name for d in tdir.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in tree.skip)
     if not types: raise DatasetError(f"no defect-type folders ({tree.good}, <defect>) in {tdir}")
+    if masks: _check_mask_types(cdir, c, tree, tdir, types)
     recs = []
     for t in types:
         imgs = _list_images(tdir / t / tree.images)
@@ -386,6 +397,15 @@ def _read_realiad_json(f:Path) -> dict:
     return d
 
 # %% ../nbs/01_data.ipynb #f697db38
+_NORMAL_WORDS = ("ok", "good", "normal", "norm", "nok_free")   # labels that can only mean "normal"
+
+def _check_realiad_label(label:str, normal:str, declared:bool, p:Path, f:Path, where:str):
+    "An anomaly_class that spells the normal label differently (`ok`, `good`, ...) is a wrong label, not a defect."
+    if label.strip().lower() in {normal.lower(), *_NORMAL_WORDS}:
+        raise DatasetError(f"{f} ({where}): anomaly_class {label!r} of {p} is not the normal label {normal!r} "
+                           f"({'meta.normal_class' if declared else 'the default; the file has no meta.normal_class'}) "
+                           "but looks like one: correct the label, or set meta.normal_class")
+
 def _realiad_has_masks(d:dict, normal:str) -> bool:
     return any(e.get("mask_path") for s in ("train", "test") for e in d[s] if e["anomaly_class"] != normal)
 
@@ -407,10 +427,12 @@ def scan_realiad(root:str|Path|RealIADRoot, # see `realiad_root`
         if not d[split]: raise DatasetError(f"zero images of category {c!r} for split {split!r} in {f}")
         for i, e in enumerate(d[split]):
             p, bad = base / e["image_path"], e["anomaly_class"] != normal
+            if bad: _check_realiad_label(e["anomaly_class"], normal, "normal_class" in meta, p, f, f"{split}[{i}]")
             if not p.is_file(): raise DatasetError(f"image {p} listed in {f} ({split}[{i}]) does not exist")
             m = base / e["mask_path"] if bad and e.get("mask_path") else None
-            if bad and masks and m is None: raise DatasetError(f"no mask for defect image {p} in {f} ({split}[{i}]; "
-                                                               f"other anomalies of {c!r} have masks)")
+            if bad and masks and m is None: raise DatasetError(
+                f"no mask for defect image {p} in {f} ({split}[{i}]; other anomalies of {c!r} have masks): it is read as a "
+                f"defect because its anomaly_class {e['anomaly_class']!r} is not the normal label {normal!r}")
             if m is not None and not m.is_file(): raise DatasetError(f"mask {m} of {p} ({f}, {split}[{i}]) does not exist")
             recs.append(Record(p, m, int(bad), e["anomaly_class"] if bad else "good", c, split))
         if split == "train" and (n := sum(r.label for r in recs if r.cls_name == c)):
@@ -535,8 +557,15 @@ def _hw(size) -> tuple[int, int] | None:
     if isinstance(size, int): return (size, size)
     h, w = size; return (int(h), int(w))
 
+_WARNED = set()  # (kind, folder) already warned about in this process: one warning per folder, not one per file
+
+def _warn_once(kind:str, path, msg:str):
+    if (kind, str(Path(path).parent)) in _WARNED: return
+    _WARNED.add((kind, str(Path(path).parent)))
+    warnings.warn(msg + f" (further such files in {Path(path).parent} are read alike without a warning)")
+
 def _wide_to_uint8(a:np.ndarray, mode:str, path) -> np.ndarray:
-    "A 16-bit (`I;16*`), 32-bit integer (`I`) or float (`F`) greyscale array as uint8, scaled by its type's range."
+    "A 16-bit (`I;16*`), 32-bit integer (`I`) or float (`F`) array as uint8, scaled by its range (12-bit data: 4095)."
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0., 0.)
     if mode == "F":
         if not (np.isfinite(a).all() and 0 <= lo and hi <= 1):
@@ -546,29 +575,53 @@ def _wide_to_uint8(a:np.ndarray, mode:str, path) -> np.ndarray:
         if mode == "I" and (lo < 0 or hi > 65535):
             raise DatasetError(f"image {path}: 32-bit integer values {lo:g}..{hi:g} exceed the 16-bit range; save it as 8- or 16-bit")
         top = 65535.0
+        if 255 < hi <= 4095:  # a 12-bit sensor's values in a 16-bit file: on the 16-bit scale they would be near black
+            top = 4095.0
+            _warn_once("12bit", path, f"image {path}: 16-bit file with values {lo:g}..{hi:g} (<= 4095): read as 12-bit data, "
+                                      "scaled by 255/4095")
     return np.rint(a.astype(np.float64) * (255 / top)).astype(np.uint8)
 
+def _png16_colour(path) -> bool:
+    "A PNG with 16-bit colour samples (IHDR colour type 2, 4 or 6): Pillow keeps only their high byte."
+    with open(path, "rb") as f: h = f.read(26)
+    return len(h) == 26 and h[:8] == b"\x89PNG\r\n\x1a\n" and h[24] == 16 and h[25] in (2, 4, 6)
+
+def _read_png16(path) -> np.ndarray:
+    "A 16-bit colour PNG as a uint16 (H,W,C) array (libpng/spng through imagecodecs)."
+    a = imagecodecs.png_decode(Path(path).read_bytes())
+    return a if a.ndim == 3 else a[..., None]
+
 def open_image(path:str|Path) -> Image.Image:
-    "Read an image file as 8-bit RGB (greyscale repeated; 16-bit scaled by 1/257); raise `DatasetError` naming a bad file."
+    "Read an image file as 8-bit RGB (greyscale repeated; 16-bit scaled by 1/257, 12-bit by 255/4095; alpha dropped); raise `DatasetError` naming a bad file."
     try:
+        if _png16_colour(path):
+            a = _read_png16(path)
+            a = a[..., :3] if a.shape[-1] >= 3 else np.repeat(a[..., :1], 3, -1)   # alpha dropped, as for 8-bit files
+            return Image.fromarray(_wide_to_uint8(a, "I;16", path), "RGB")
         with Image.open(path) as im:
             im.load()
             if not (im.mode.startswith("I") or im.mode == "F"): return im.convert("RGB")
             mode, a = im.mode, np.asarray(im)
+    except DatasetError: raise
     except Exception as e: raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
     return Image.fromarray(_wide_to_uint8(a, mode, path), "L").convert("RGB")
 
 # %% ../nbs/01_data.ipynb #7f3e2c81
 _LOSSY = ("JPEG", "MPO")  # Pillow's format names of JPEG files (MPO: a camera's multi-picture JPEG)
 
-def open_mask(path:str|Path, # the mask file (0/255 MVTec, small values VisA, RGB or greyscale)
+def open_mask(path:str|Path, # the mask file (0/255 MVTec, small values VisA, RGB or greyscale, 8 or 16 bits)
               image_hw:tuple[int, int]|None=None, # (H,W) of its image, to check the aspect ratio
               warn_lossy:bool=True, # warn when a JPEG mask is read (a dataset warns once instead, with a count)
              ) -> np.ndarray:
-    "Read a mask file as a bool array (H,W): value != 0 for lossless files, value > half range for JPEG."
+    "Read a mask file as a bool array (H,W): any colour value != 0 for lossless files, > half range for JPEG; alpha ignored."
     try:
-        with Image.open(path) as im: a, lossy = np.asarray(im), im.format in _LOSSY
+        if _png16_colour(path): a, lossy = _read_png16(path), False   # Pillow would keep only the high byte: 1..255 -> 0
+        else:
+            with Image.open(path) as im:
+                a, lossy = np.asarray(im), im.format in _LOSSY
+                if "A" in im.getbands(): a = a[..., :-1]   # an opaque alpha band would mark every pixel
     except Exception as e: raise DatasetError(f"cannot read mask file {path}: {type(e).__name__}: {e}") from e
+    if a.ndim == 3 and a.shape[-1] in (2, 4): a = a[..., :-1]   # 16-bit grey+alpha or RGBA: drop the alpha band
     if lossy:  # compression ringing leaves small non-zero values around every edge: threshold at half range
         m = a > np.iinfo(a.dtype).max / 2
         if warn_lossy: warnings.warn(f"mask {path} is a JPEG (lossy): binarised at half range (> {np.iinfo(a.dtype).max // 2}), not != 0")
@@ -583,6 +636,34 @@ def open_mask(path:str|Path, # the mask file (0/255 MVTec, small values VisA, RG
 def _resize_mask(m:np.ndarray, hw) -> np.ndarray:
     if hw is None or m.shape == tuple(hw): return m
     return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(hw[::-1], Image.Resampling.NEAREST)) > 0
+
+# %% ../nbs/01_data.ipynb #d7e8f902
+def check_image_file(path:str|Path) -> str:
+    "Check that `path` is a whole, readable image (cheaply where the format allows); return its Pillow mode."
+    try:
+        with Image.open(path) as im:
+            mode, fmt = im.mode, im.format
+            if fmt == "PNG": im.verify()
+            else:
+                if fmt in _LOSSY: im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+        return mode
+    except Exception as e:
+        raise DatasetError(f"image file {path} is truncated or corrupt ({type(e).__name__}: {e}); found when the data set "
+                           "was loaded") from e
+
+def _check_files(recs:list, root):
+    "Check every image and mask file of `recs`; one error naming the bad files, one warning about alpha channels."
+    bad, alpha = [], []
+    for r in recs:
+        for p in (r.path, r.mask_path):
+            if p is None: continue
+            try: mode = check_image_file(p)
+            except DatasetError as e: bad.append(str(e)); continue
+            if p == r.path and mode in ("RGBA", "LA", "PA", "La", "RGBa"): alpha.append(p)
+    if bad: raise DatasetError(f"{len(bad)} unreadable file(s) in {root}: " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+    if alpha: warnings.warn(f"{len(alpha)} images in {root} have an alpha channel, e.g. {alpha[0]}: it is dropped (colour "
+                            "values kept as stored, not composited; the models read RGB)")
 
 # %% ../nbs/01_data.ipynb #45ece869
 @dataclass
@@ -635,6 +716,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
                  resample:str="lanczos", # image interpolation: LANCZOS as VQ-Flow [code]; "bilinear" as UniAD/HVQ-Trans
                  verbose:bool=True, # print the per-class counts on load
                  class_index:dict|None=None, # name->index to reuse (e.g. the training set's); None = sorted classes
+                 check_files:bool=True, # check every image and mask file at load (truncated files fail now, not mid-run)
                 ):
         self.root, self.split = as_root(root), split
         if resample not in RESAMPLE: raise DatasetError(f"unknown resample {resample!r}; expected one of {list(RESAMPLE)}")
@@ -642,6 +724,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.records = scan_dataset(self.root, split, classes, self.fmt)
         if split == "test": _check_test_labels(self.records, self.root)
         _warn_lossy_masks(self.records, self.root)
+        if check_files: _check_files(self.records, self.root)
         self.classes = sorted({r.cls_name for r in self.records})
         if class_index is None: class_index = {c: i for i, c in enumerate(self.classes)}
         elif miss := [c for c in self.classes if c not in class_index]:

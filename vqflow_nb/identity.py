@@ -8,7 +8,7 @@ import hashlib, os
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .core import exists, project_root, hash_dict, file_fingerprint
+from .core import exists, project_root, hash_dict, file_digest, file_fingerprint
 from .data import DatasetUnion, RealIADRoot, UNION_SEP, scan_dataset, split_files, as_root, split_union_classes
 from .config import RunConfig
 
@@ -32,9 +32,11 @@ def data_fingerprint(root, # dataset root (a folder, a `RealIADRoot` or a `Datas
                      classes=None, # the classes a run uses (None: all)
                     ) -> str:
     "Short hash of the content of every file that defines the data (images, masks, split files), with their relative names."
+    files = named_files(root, classes)
+    file_fingerprint([f for _, f in files])   # loads (and extends) the on-disk digest memo: unchanged files are not read again
     h = hashlib.sha1()
-    for name, f in named_files(root, classes):   # content, not modification times: a rebuilt synthetic set is the same data
-        h.update(name.encode() + b'\0' + file_fingerprint([f], root=Path(f).parent).encode())
+    for name, f in files:   # content, not modification times: a rebuilt synthetic set is the same data
+        h.update(name.encode() + b'\0' + file_digest(f).encode())
     return h.hexdigest()[:12]
 
 # %% ../nbs/30a_identity.ipynb #3febec26
