@@ -112,7 +112,7 @@ def test_every_page_renders(site, server, browser):
 
 def test_figures_and_maths_exist(site, server, browser):
     "The checks above are not vacuous: a notebook page with figures and maths has them loaded and typeset."
-    browser.get(f'{server}/nbs/13_patchcore.html'); _wait_math(browser)
+    browser.get(f'{server}/nbs/04_flows.html'); _wait_math(browser)
     s = browser.execute_script(_STATE)
     assert s['n_images'] >= 2 and not s['broken'], s
     assert s['n_math_src'] >= 5 and s['n_math_done'] >= 5 and not s['mj_errors'], s

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['SECTIONS', 'method_label', 'changed_text', 'run_info', 'grid_runs', 'seed_stats', 'overall_table', 'kind_table',
-           'class_table', 'pm', 'runs_summary', 'comparison_markdown', 'comparison_figure', 'write_comparison', 'main']
+           'class_table', 'pm', 'runs_summary', 'comparison_markdown', 'comparison_figure', 'comparison_stem',
+           'write_comparison', 'main']
 
 # %% ../nbs/32_compare.ipynb #cebc5c71
 import argparse, json, sys
@@ -152,13 +153,17 @@ def _bars(ax, t:pd.DataFrame, cats:list, labels:list, title:str):
     w = 0.8 / max(len(labels), 1)
     for i, lab in enumerate(labels):
         d = t[t.label == lab].set_index(t.columns[1]).reindex(cats)
-        ax.bar(np.arange(len(cats)) + i * w, 100 * d['mean'], w, yerr=100 * d['std'].fillna(0), label=lab, capsize=2)
+        err = 100 * d['std'] if d['std'].notna().any() else None   # one seed: no error bars
+        ax.bar(np.arange(len(cats)) + i * w, 100 * d['mean'], w, yerr=err, label=lab, capsize=2)
     ax.set_xticks(np.arange(len(cats)) + w * (len(labels) - 1) / 2, cats, rotation=30, ha='right')
     ax.set_ylim(0, 105); ax.set_title(title); ax.grid(axis='y', alpha=.3)
 
-def comparison_figure(results:str|Path, dataset:str, runs:set|None=None) -> plt.Figure:
-    "Overall metrics, image AUROC per defect kind and per class, mean ± std over seeds, per method."
+def comparison_figure(results:str|Path, dataset:str, runs:set|None=None,
+                      title:str|None=None, # the figure's title: the grid and its setting (None: the data set)
+                     ) -> plt.Figure:
+    "Overall metrics, image AUROC per defect kind and per class, per method: mean ± std when runs have several seeds."
     ov = overall_table(results, dataset, runs=runs)
+    seeds = int(ov['n'].max()) if len(ov) else 0
     labels = list(dict.fromkeys(ov.label))
     kt, ct = kind_table(results, dataset, runs), class_table(results, dataset, runs=runs)
     fig, axs = plt.subplots(2, 2, figsize=(15, 8.5))
@@ -166,32 +171,48 @@ def comparison_figure(results:str|Path, dataset:str, runs:set|None=None) -> plt.
     axs[0, 0].set_xticklabels(['I-AUROC', 'P-AUROC', 'AUPRO'], rotation=0, ha='center')
     c = ct[ct.metric == 'i_auroc'][['label', 'cls', 'mean', 'std']]
     _bars(axs[0, 1], c, sorted(c.cls.unique()), labels, 'image AUROC per class')
-    for ax, metric, title in ((axs[1, 0], 'i_auroc', 'image AUROC per defect kind (good vs kind)'),
-                              (axs[1, 1], 'p_auroc', 'pixel AUROC per defect kind')):
+    for ax, metric, name in ((axs[1, 0], 'i_auroc', 'image AUROC per defect kind (good vs kind)'),
+                             (axs[1, 1], 'p_auroc', 'pixel AUROC per defect kind')):
         if not len(kt): ax.set_visible(False); continue
         k = kt[kt.metric == metric][['label', 'defect_kind', 'mean', 'std']]
-        _bars(ax, k, sorted(k.defect_kind.unique()), labels, title)
-    axs[0, 1].legend(loc='upper left', bbox_to_anchor=(1.01, 1), title='method (mean ± std over seeds)')
+        _bars(ax, k, sorted(k.defect_kind.unique()), labels, name)
+    axs[0, 1].legend(loc='upper left', bbox_to_anchor=(1.01, 1),
+                     title='method (one seed)' if seeds < 2 else f'method (mean ± std over {seeds} seeds)')
+    fig.suptitle(title or dataset, fontsize=13)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/32_compare.ipynb #d3336035
+def comparison_stem(dataset:str, config:str|Path|None=None) -> str:
+    "File stem of a comparison: the grid's name (`synthetic_seeds`), prefixed by the data set unless it starts with it."
+    if not config: return dataset
+    stem = Path(config).stem
+    return stem if stem == dataset or stem.startswith(f'{dataset}_') else f'{dataset}_{stem}'
+
+def _figure_title(dataset:str, config, info:pd.DataFrame) -> str:
+    "`synthetic, grid synthetic_seeds.yaml: 3 seeds; epochs per method: hgad 8, ...` (what ran, in the figure)."
+    ep = ', '.join(f'{m} {e}' for m, e in info.groupby('method', sort=True).epochs.first().items())
+    n = info.groupby('label').size().max() if len(info) else 0
+    grid = f'grid {Path(config).name}' if config else 'all runs'
+    return f"{dataset}, {grid}: {'one seed' if n < 2 else f'{n} seeds'}; epochs per method: {ep}"
+
 def write_comparison(results:str|Path|None=None, # results folder (default: <project>/results)
                      dataset:str='synthetic',
                      config:str|Path|None=None, # compare only the runs of this grid YAML; its stem names the files
                     ) -> dict:
-    "Write `<results>/tables/<dataset>[_<grid>]_comparison.{md,csv,png}`; return their paths."
+    "Write `<results>/tables/<stem>_comparison.{md,csv,png}` (`comparison_stem`); return their paths."
     results = Path(default(results, lambda: project_root()/'results'))
     runs = grid_runs(config) if config else None
     out = results/'tables'; out.mkdir(parents=True, exist_ok=True)
-    stem = f'{dataset}_{Path(config).stem}' if config and Path(config).stem != dataset else dataset
+    stem = comparison_stem(dataset, config)
     paths = {x: out/f'{stem}_comparison.{x}' for x in ('md', 'csv', 'png')}
     head = f'<!-- written by vqflow-compare from the runs of {Path(config).name if config else "every grid"} -->\n'
     paths['md'].write_text(head + comparison_markdown(results, dataset, runs))
     pd.concat([overall_table(results, dataset, runs=runs).assign(kind='overall'),
                kind_table(results, dataset, runs).assign(kind='defect_kind'),
                class_table(results, dataset, runs=runs).assign(kind='class')]).to_csv(paths['csv'], index=False)
-    fig = comparison_figure(results, dataset, runs); fig.savefig(paths['png'], dpi=110, bbox_inches='tight'); plt.close(fig)
+    fig = comparison_figure(results, dataset, runs, _figure_title(dataset, config, run_info(results, dataset, runs)))
+    fig.savefig(paths['png'], dpi=110, bbox_inches='tight'); plt.close(fig)
     return paths
 
 def main(argv=None):
