@@ -2,12 +2,14 @@
 #   make replicate   the embedded-default replication (synthetic data, offline backbone) into results/; a run already
 #                    there is re-run into results/_scratch/verify and compared with the committed numbers
 #   make test        every notebook under nbdev_test, plus pytest tests/
+# and the documentation site:
+#   make docs        every notebook (committed outputs, not executed), docs/*.md and the API as HTML in _site/html
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install replicate test export clean-nbs check-clean
+.PHONY: install replicate test docs export clean-nbs check-clean
 
 # a virtual environment of our own, the package in editable mode, and a Jupyter kernel for papermill
 $(STAMP): settings.ini setup.py
@@ -26,6 +28,9 @@ replicate: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python tools/run_tests.py
+
+docs: $(STAMP)
+	$(BIN)/python tools/build_site.py
 
 export: $(STAMP)
 	$(BIN)/nbdev_export

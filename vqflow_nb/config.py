@@ -12,7 +12,7 @@ import yaml
 
 from .method import METHODS, method_spec
 # the built-in methods register themselves (07_method) when their modules are imported: these imports fill `METHODS`
-from . import vqflow as _vqflow, hgad as _hgad, hvqtrans as _hvqtrans
+from . import vqflow as _vqflow, hgad as _hgad, hvqtrans as _hvqtrans, patchcore as _patchcore
 
 # %% auto #0
 __all__ = ['PROFILES', 'PARAMETERS', 'RunConfig', 'parse_param', 'check_param', 'run_config', 'resolve_profile',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_execute.ipynb #06a6c0c8
 from __future__ import annotations
-import contextlib, json, os, platform, shutil, sys, threading, time
+import contextlib, json, os, platform, re, shutil, sys, threading, time
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -15,7 +15,8 @@ from .config import RunConfig
 from .record import mark_complete
 
 # %% auto #0
-__all__ = ['kernel_env', 'notebook_parameters', 'error_message', 'execute_notebook', 'portable_notebook', 'run_task', 'watch']
+__all__ = ['TOP', 'SEG', 'ABSOLUTE', 'RULES', 'kernel_env', 'notebook_parameters', 'error_message', 'execute_notebook',
+           'portable', 'find', 'notebook_strings', 'portable_notebook', 'run_task', 'watch']
 
 # %% ../nbs/31_execute.ipynb #1f980124
 @contextlib.contextmanager
@@ -60,12 +61,55 @@ def execute_notebook(nb:Path, out:Path, params:dict, kernel:str='python3', timeo
     return 'ok', '', ''
 
 # %% ../nbs/31_execute.ipynb #6a452e10
-def portable_notebook(path:Path):
-    "Replace this machine's absolute paths in an executed notebook by `<project>` / `~` (in place)."
-    text = Path(path).read_text()
-    for base, name in ((str(project_root()), '<project>'), (str(Path.home()), '~')):
-        text = text.replace(base + '/', name + '/').replace(base, name)
-    Path(path).write_text(text)
+# the top-level folders of this repository: an absolute path through one of them is a path inside a checkout
+TOP = r'(?:vqflow_nb|nbs|results|benchmarks|tools|tests|replicate|docs)'
+SEG = r'[^/\s"\'<>:|()\[\]{},;=*?]+'
+ABSOLUTE = re.compile(rf'(?<![\w.~<>$-])/(?:work|home|tmp|root|Users|var/tmp)(?:/{SEG})*/?')   # what the test looks for
+RULES = [
+    (re.compile(rf'(?<![\w.~<>$-])(?:/{SEG})+?/(?:lib/python[\d.]+/)?(?:site|dist)-packages/'), '<site-packages>/'),
+    (re.compile(rf'(?<![\w.~<>$-])(?:/{SEG})+?/(?={TOP}/)'), ''),                    # inside a checkout: relative to it
+    (re.compile(rf'(?<![\w.~<>$-])/(?:var/)?tmp/{SEG}'), '<tmp>'),                     # a temporary folder
+    (re.compile(rf'(?<![\w.~<>$-])/(?:home|Users)/{SEG}'), '~'),
+    (re.compile(r'(?<![\w.~<>$-])/root(?=/|\b)'), '~'),
+    (re.compile(rf'(?<![\w.~<>$-])/work/{SEG}'), '<work>'),                            # any other folder of the machine
+]
+
+def portable(s:str) -> str:
+    "`s` with every absolute machine path rewritten (idempotent)."
+    for rx, rep in RULES: s = rx.sub(rep, s)
+    return s
+
+def find(s:str) -> list:
+    "The absolute machine paths in `s`."
+    return [m.group(0) for m in ABSOLUTE.finditer(s)]
+
+def _walk(o, f):
+    if isinstance(o, str): return f(o)
+    if isinstance(o, list): return [_walk(v, f) for v in o]
+    if isinstance(o, dict): return {k: _walk(v, f) for k, v in o.items()}
+    return o
+
+def notebook_strings(nb:dict, sources:bool) -> list:
+    "The text of a notebook that may hold machine paths: outputs and metadata, and the cell sources if `sources`."
+    out = []
+    _walk(nb.get('metadata', {}), out.append)
+    for c in nb.get('cells', []):
+        _walk(c.get('outputs', []), out.append); _walk(c.get('metadata', {}), out.append)
+        if sources: _walk(c.get('source', ''), out.append)
+    return out
+
+def portable_notebook(path, sources:bool|None=None) -> bool:
+    "Rewrite notebook `path` in place; `sources` default: only for executed runs under results/. True if it changed."
+    path = Path(path)
+    sources = ('results' in path.parts) if sources is None else sources
+    nb = json.loads(path.read_text())
+    new = dict(nb, metadata=_walk(nb.get('metadata', {}), portable), cells=[
+        dict(c, **({'outputs': _walk(c['outputs'], portable)} if 'outputs' in c else {}), metadata=_walk(c.get('metadata', {}), portable),
+             **({'source': _walk(c['source'], portable)} if sources else {})) for c in nb.get('cells', [])])
+    if new == nb: return False
+    path.write_text(json.dumps(new, indent=1, ensure_ascii=False) + '\n')
+    return True
+
 
 # %% ../nbs/31_execute.ipynb #e65279b7
 def run_task(notebook:str|Path, # the replication notebook
