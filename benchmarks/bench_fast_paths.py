@@ -9,7 +9,7 @@ Cases (cached features, the trainer's step: loss, backward, clip 2.0, fused Adam
 Random features (only the shapes matter for time). Ratios are dense / fast: > 1 means the fast path is faster.
 Usage: python benchmarks/bench_fast_paths.py [case ...] [--pairs N] [--threads T]; writes results/benchmarks/fast_paths.{json,md}.
 """
-import argparse, copy, json, os, platform, statistics, sys, time
+import argparse, json, os, platform, statistics, sys, time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,16 +27,18 @@ def _vqflow_case(authors:bool):
     base = (VQFlowConfig.for_channels if authors else VQFlowConfig.small)(chans, seed=0)
     variants = dict(quant=dict(quant_conv='cpu'), dense=dict(quant_conv='none'))
     if authors: variants['bcond'] = dict(quant_conv='none', broadcast_cond=True)
-    torch.manual_seed(0); m0 = VQFlow(base)
+    # one model and one optimiser for every variant (only the config differs; weights do not change the time):
+    # a copy per variant would hold 3 x 5 GB of weights, gradients and Adam state at the authors' size
+    torch.manual_seed(0); m = VQFlow(base)
+    opt = make_optimizer(list(m.parameters()), Schedule(lr=1e-4))
     sides = {}
     for name, kw in variants.items():
-        m = copy.deepcopy(m0); m.cfg = replace(m.cfg, **kw)
-        opt = make_optimizer(list(m.parameters()), Schedule(lr=1e-4))
-        def step(m=m, opt=opt):
-            m.train(); out = m.loss(feats); opt.zero_grad(); out['loss'].backward()
+        cfg = replace(base, **kw)
+        def step(cfg=cfg):
+            m.cfg = cfg; m.train(); out = m.loss(feats); opt.zero_grad(); out['loss'].backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 2.0); opt.step()
-        def infer(m=m):
-            m.eval()
+        def infer(cfg=cfg):
+            m.cfg = cfg; m.eval()
             with torch.no_grad(): m.score(feats, None)
         sides[name] = dict(train_step=step, inference=infer)
     return sides, 'dense', dict(channels=chans, batch=bs, maps=sizes, config='authors' if authors else 'small')

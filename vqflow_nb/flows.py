@@ -19,9 +19,9 @@ from scipy.stats import special_ortho_group
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['QUANT_CONV_LIMITS', 'positional_encoding_2d', 'ConvLNSubnet', 'subnet_conv_ln', 'subnet_fc', 'BroadcastCond',
-           'QuantCond', 'conv_broadcast', 'conv_quantised', 'AllInOneBlock', 'SequenceFlow', 'conditional_flow',
-           'FusionSubnet', 'FusionCoupling', 'vqflow_flows', 'hgad_flow', 'count_params']
+__all__ = ['QUANT_CONV_LIMITS', 'positional_encoding_2d', 'ConvLNSubnet', 'subnet_conv_ln', 'subnet_fc', 'FCSubnet',
+           'BroadcastCond', 'QuantCond', 'PosCond', 'conv_broadcast', 'conv_quantised', 'AllInOneBlock', 'SequenceFlow',
+           'conditional_flow', 'FusionSubnet', 'FusionCoupling', 'vqflow_flows', 'hgad_flow', 'count_params']
 
 # %% ../nbs/04_flows.ipynb #76aa97a6
 def positional_encoding_2d(
@@ -82,7 +82,25 @@ def subnet_fc(c_in:int, # input features (passive half + condition)
               c_out:int, # output features
              ) -> nn.Module:
     "Build HGAD's fully connected coupling subnet Linear(c_in,2c_in)-ReLU-Linear(2c_in,c_out)."
-    return nn.Sequential(nn.Linear(c_in, 2 * c_in), nn.ReLU(), nn.Linear(2 * c_in, c_out))
+    return FCSubnet(nn.Linear(c_in, 2 * c_in), nn.ReLU(), nn.Linear(2 * c_in, c_out))
+
+# %% ../nbs/04_flows.ipynb #32aed281
+class FCSubnet(nn.Sequential):
+    "HGAD's Linear-ReLU-Linear subnet (an `nn.Sequential`: freia's state-dict keys); accepts a `PosCond` (see below)."
+    broadcast = True
+
+    def forward(self, x:Tensor, # (N,C) passive half, or passive half and condition
+                pos:PosCond|None=None, # the condition as one row per position, shared by every image (not repeated)
+               ) -> Tensor:
+        if pos is None: return super().forward(x)
+        lin = self[0]
+        w_x, w_p = torch.split(lin.weight, [x.shape[1], pos.pe.shape[1]], 1)
+        n, B = pos.pe.shape[0], pos.batch
+        # the condition's share of the first layer once per position, broadcast over the images; autograd sums its
+        # gradient over the images before the weight-gradient product (n rows instead of B*n)
+        h = (F.linear(x, w_x, lin.bias).view(B, n, -1) + F.linear(pos.pe.to(x.dtype), w_p)).view(B * n, -1)
+        for m in list(self)[1:]: h = m(h)
+        return h
 
 # %% ../nbs/04_flows.ipynb #28f3ac92
 class BroadcastCond(NamedTuple):
@@ -118,10 +136,25 @@ class QuantCond(NamedTuple):
         "The condition as one tensor, [pattern, vec repeated at every position] (what the authors concatenate)."
         return BroadcastCond(self.pattern, self.vec).dense()
 
+# %% ../nbs/04_flows.ipynb #d3279e2b
+class PosCond(NamedTuple):
+    "A per-row condition that is the same for every image: `pe` (n,P) for the n positions of one image, rows in (image, position) order."
+    pe: Tensor
+    batch: int
+
+    @property
+    def shape(self) -> torch.Size:
+        "Shape of the dense condition it stands for (batch*n, P)."
+        return torch.Size((self.batch * self.pe.shape[0], self.pe.shape[1]))
+
+    def dense(self) -> Tensor:
+        "The condition as one tensor: `pe` repeated for every image."
+        return self.pe.repeat(self.batch, 1)
+
 # %% ../nbs/04_flows.ipynb #0f98a1de
 def _as_cond(c, name:str) -> Tensor|BroadcastCond|None:
     "Accept a condition as None, a tensor, a `BroadcastCond`, or FrEIA-style list of tensors (concatenated along channels)."
-    if c is None or isinstance(c, (BroadcastCond, QuantCond)): return c
+    if c is None or isinstance(c, (BroadcastCond, QuantCond, PosCond)): return c
     if isinstance(c, (list, tuple)):
         if len(c) == 0: return None
         return torch.cat(list(c), 1) if len(c) > 1 else c[0]
@@ -154,38 +187,48 @@ def conv_broadcast(conv:nn.Conv2d, # the convolution (groups=1, zero padding)
 
 # %% ../nbs/04_flows.ipynb #17480582
 def _tap_index(index:Tensor, K:int, kh:int, kw:int, pad:int) -> Tensor:
-    "(B*H'*W', kh*kw) row of the per-tap table each output position reads: tap*(K+1) + code; K (a zero row) outside the image."
+    "(B*H'*W', kh*kw): the table row each output position reads per tap, code*(kh*kw) + tap; code K (a zero row) outside the image."
     ip = F.pad(index, (pad, pad, pad, pad), value=K)
     Ho, Wo = ip.shape[1] - kh + 1, ip.shape[2] - kw + 1
-    cols = [ip[:, i:i + Ho, j:j + Wo] + (i * kw + j) * (K + 1) for i in range(kh) for j in range(kw)]
+    cols = [ip[:, i:i + Ho, j:j + Wo] * (kh * kw) + (i * kw + j) for i in range(kh) for j in range(kw)]
     return torch.stack(cols, -1).reshape(-1, kh * kw)
 
 class _CodeConv(torch.autograd.Function):
-    "Convolution of codes[index] (gather-sum of W_tap E^T rows); backward: scatter-add over codes, straight-through to `pattern`."
+    "Convolution of codes[index]: gather-sum of W_tap e_k; backward: scatter-add over codes, straight-through to `pattern`."
     @staticmethod
     def forward(ctx, w, codes, tap_idx, pattern, pad):
-        C_out, _, kh, kw = w.shape
-        T = torch.einsum('ocij,kc->ijko', w, codes.to(w.dtype))         # T_tau = W_tau E^T, one row per code and tap
-        T = F.pad(T, (0, 0, 0, 1)).reshape(kh * kw * (codes.shape[0] + 1), C_out)   # + a zero row per tap (padding)
-        y = F.embedding_bag(tap_idx, T, mode='sum')                    # (B*H*W, C_out): sum of the 9 rows each position reads
+        C_out, C_p, kh, kw = w.shape
+        w_r = w.permute(2, 3, 0, 1).reshape(kh * kw * C_out, C_p)       # rows (tap, out channel)
+        e = F.pad(codes.to(w.dtype), (0, 0, 0, 1))                       # + a zero code (padding)
+        T = (e @ w_r.t()).view(-1, C_out)                                # row k*taps + tap = W_tap e_k
         ctx.save_for_backward(w, codes, tap_idx); ctx.pad, ctx.pshape = pad, pattern.shape
+        y = F.embedding_bag(tap_idx, T, mode='sum')                      # each position's sum of its 9 rows
         B, _, H, W = pattern.shape
         return y.view(B, H + 2 * pad - kh + 1, W + 2 * pad - kw + 1, C_out).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, g):
         w, codes, tap_idx = ctx.saved_tensors
-        C_out, _, kh, kw = w.shape
+        C_out, C_p, kh, kw = w.shape
         K, dw, dcodes, dpat = codes.shape[0], None, None, None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             rows = g.permute(0, 2, 3, 1).reshape(-1, C_out)
-            S = g.new_zeros(kh * kw * (K + 1), C_out)
-            for t in range(kh * kw): S.index_add_(0, tap_idx[:, t], rows)   # S_tau[k] = sum of dy over positions reading code k at tap tau
-            S = S.view(kh, kw, K + 1, C_out)[:, :, :K]
-            if ctx.needs_input_grad[0]: dw = torch.einsum('ijko,kc->ocij', S, codes.to(S.dtype))
-            if ctx.needs_input_grad[1]: dcodes = torch.einsum('ijko,ocij->kc', S, w).to(codes.dtype)
+            S = g.new_zeros((K + 1) * kh * kw, C_out)
+            for t in range(kh * kw): S.index_add_(0, tap_idx[:, t], rows)   # S[k, tap] = sum of dy over positions reading code k there
+            S = S.view(K + 1, kh * kw * C_out)[:K]
+            if ctx.needs_input_grad[0]:
+                dw = (S.t() @ codes.to(S.dtype)).view(kh, kw, C_out, C_p).permute(2, 3, 0, 1)
+            if ctx.needs_input_grad[1]:
+                dcodes = (S @ w.permute(2, 3, 0, 1).reshape(kh * kw * C_out, C_p)).to(codes.dtype)
         if ctx.needs_input_grad[3]: dpat = torch.nn.grad.conv2d_input(ctx.pshape, w, g, padding=ctx.pad)
         return dw, dcodes, None, dpat, None
+
+class _ContiguousGrad(torch.autograd.Function):
+    "Identity whose backward makes the incoming gradient contiguous once (it arrives channels-last from the LayerNorm's permute), not once per consumer."
+    @staticmethod
+    def forward(ctx, x): return x.view_as(x)
+    @staticmethod
+    def backward(ctx, g): return g.contiguous()
 
 # %% ../nbs/04_flows.ipynb #4b0347ff
 # when the gather pays (measured A/B, `benchmarks/bench_fast_paths.py`, docs/performance.md): enough positions per code
@@ -212,14 +255,18 @@ def conv_quantised(conv:nn.Conv2d, # the convolution (3x3-like: groups=1, stride
             or not torch.is_floating_point(w)):
         return conv_broadcast(conv, torch.cat([x, q.pattern], 1), q.vec)
     w_x, w_e, w_pp, w_v = torch.split(w, [cx, ce, cv, cv], 1)
-    y = F.conv2d(x, w_x, conv.bias, 1, conv.padding)
-    pe = F.conv2d(q.pe[None].to(y.dtype), w_e, None, 1, conv.padding)     # the same for every image
-    # the pattern's prototype part carries no gradient to p (straight-through); the broadcast channels do
-    taps = torch.einsum("bc,ocij->boij", q.vec.detach().to(y.dtype), w_pp) + torch.einsum("bc,ocij->boij", q.vec.to(y.dtype), w_v)
     pad, (kh, kw) = conv.padding[0], w.shape[2:]
-    rows, cols = _tap_mask(H, kh, 1, pad, 1, y), _tap_mask(W, kw, 1, pad, 1, y)
+    Ho, Wo = H + 2 * pad - kh + 1, W + 2 * pad - kw + 1
+    pe = F.conv2d(q.pe[None].to(w.dtype), w_e, conv.bias, 1, conv.padding)   # the same for every image (and the bias)
+    # the pattern's prototype part carries no gradient to p (straight-through); the broadcast channels do
+    taps = torch.einsum("bc,ocij->boij", q.vec.detach().to(w.dtype), w_pp) + torch.einsum("bc,ocij->boij", q.vec.to(w.dtype), w_v)
+    rc = torch.einsum("hi,wj->ijhw", _tap_mask(H, kh, 1, pad, 1, w), _tap_mask(W, kw, 1, pad, 1, w)).reshape(kh * kw, Ho * Wo)
+    # PE term + in-image taps of the prototype in one (B, C_out, H*W) map; then the passive half, and the codes in place
+    # (in place on the sum, not on a view of it: autograd would clone the map for every in-place op on a view)
+    y = torch.baddbmm(pe.view(1, -1, Ho * Wo), taps.flatten(2), rc.expand(B, -1, -1))
+    y = y.view(B, -1, Ho, Wo) + F.conv2d(x, w_x, None, 1, conv.padding)
     code = _CodeConv.apply(torch.cat([w_e, w_pp], 1), q.codes, _tap_index(q.index, q.codes.shape[0], kh, kw, pad), q.pattern, pad)
-    return y + pe + torch.einsum("hi,boij,wj->bohw", rows, taps, cols) + code
+    return _ContiguousGrad.apply(y.add_(code))
 
 # %% ../nbs/04_flows.ipynb #ce5e4bf6
 def _global_affine_init(kind:str, init:float) -> float:
@@ -321,8 +368,10 @@ def _global_logdet(self:AllInOneBlock, x:Tensor, rev:bool, psi:Tensor|None=None)
 @patch
 def _scale_shift(self:AllInOneBlock, x1:Tensor, c:Tensor|None) -> tuple[Tensor, Tensor]:
     "Return the clamped log-scale s and the shift t from the passive half and the condition."
-    if isinstance(c, QuantCond):   # ours: the condition convolved from its codes where the subnet can
-        a = self.subnet(x1, c) if getattr(self.subnet, "broadcast", False) else self.subnet(torch.cat([x1, c.dense()], 1))
+    if isinstance(c, PosCond):   # ours: the per-position condition once per position where the subnet can
+        a = self.subnet(x1, c) if isinstance(self.subnet, FCSubnet) else self.subnet(torch.cat([x1, c.dense()], 1))
+    elif isinstance(c, QuantCond):   # ours: the condition convolved from its codes where the subnet can
+        a = self.subnet(x1, c) if isinstance(self.subnet, ConvLNSubnet) else self.subnet(torch.cat([x1, c.dense()], 1))
     elif isinstance(c, BroadcastCond):   # ours: constant channels handled as a vector where the subnet can
         a = (self.subnet(torch.cat([x1, c.map], 1), c.vec) if getattr(self.subnet, "broadcast", False)
              else self.subnet(torch.cat([x1, c.dense()], 1)))
