@@ -223,16 +223,21 @@ def ours_infer(model, feats, out_size):
     return s.image.float().cpu().numpy(), s.pixel.float().cpu().numpy(), s.pro.float().cpu().numpy()
 
 def _patch_variant(model, name:str):
-    """Apply a named variant to `model` (instance-level patches; the package is untouched); return its `train.Amp` or
-    None. Parts after 'ours': bcond (BroadcastCond conditions, see `_patch_broadcast_cond`), cl (channels_last
-    subnets), compile (torch.compile of every flow subnet), bf16 / fp16 (the trainer's mixed precision)."""
+    """Apply a named variant to `model` (its config or instance-level patches; the package is untouched); return its
+    `train.Amp` or None. 'ours' is the package as configured by default (on a CPU: `quant_conv='cpu'`, the condition
+    convolved from its codes). Parts after 'ours': dense (`quant_conv='none'`: the authors' dense convolution of the
+    condition), quant (`quant_conv='all'`, also on a GPU), bcond (`broadcast_cond=True` with `quant_conv='none'`),
+    cl (channels_last subnets), compile (torch.compile of every flow subnet), bf16 / fp16 (the trainer's mixed precision)."""
     import torch
+    from dataclasses import replace
     parts = set(name.split('+')[1:])
-    unknown = parts - {'bcond', 'cl', 'compile', 'bf16', 'fp16'}
+    unknown = parts - {'dense', 'quant', 'bcond', 'cl', 'compile', 'bf16', 'fp16'}
     if not name.startswith('ours') or unknown: raise ValueError(f'unknown variant {name!r} ({unknown})')
     from vqflow_nb import flows as F_
     subnets = [m for m in model.modules() if isinstance(m, (F_.ConvLNSubnet, F_.FusionSubnet))]
-    if 'bcond' in parts: _patch_broadcast_cond(model)
+    if 'dense' in parts: model.cfg = replace(model.cfg, quant_conv='none')
+    if 'quant' in parts: model.cfg = replace(model.cfg, quant_conv='all')
+    if 'bcond' in parts: model.cfg = replace(model.cfg, quant_conv='none', broadcast_cond=True)
     if 'cl' in parts:
         for m in subnets: m.to(memory_format=torch.channels_last)
     if 'compile' in parts:
@@ -245,28 +250,6 @@ def _patch_variant(model, name:str):
     return amp
 
 def _autocast(amp): return amp.autocast() if amp is not None else contextlib.nullcontext()
-
-def _patch_broadcast_cond(model):
-    """Proposed change to `VQFlow.forward` (nbs/10_vqflow.ipynb): hand the flows the prototype part of the condition as
-    a per-image vector (`flows.BroadcastCond`) instead of a map repeated over every position. Same maths; the
-    flows' first convolutions then skip the 512 constant channels (summation order changes, values agree to float
-    rounding)."""
-    import types as _t, torch
-    from vqflow_nb.flows import BroadcastCond
-    from vqflow_nb.core import exists
-    P = model.cfg.proto_dim
-    def forward(self, feats):
-        xs, cb = self.conditions(feats)
-        proto = cb['proto']
-        zs, log_det = [], feats[3].new_zeros(feats[3].shape[0])
-        for flow, x, cond in zip(self.flows, xs, cb['conds']):
-            z, ld = flow(x, BroadcastCond(cond[:, :-P], proto)); zs.append(z); log_det = log_det + ld
-        if exists(self.prior):
-            zs, ld = self.prior(zs, cb['proto']); log_det = log_det + ld
-        fc = cb['fusion_cond']
-        zs, ld = self.fusion(zs, BroadcastCond(fc[:, :-P], proto))
-        return dict(zs=zs, log_det=log_det + ld, commit=cb['commit'], proto_index=cb['proto_index'], pattern_index=cb['indices'])
-    model.forward = _t.MethodType(forward, model)
 
 # ---------------------------------------------------------------------------------------------------------------
 def make_feats(size:dict, device, seed=0):
@@ -443,6 +426,12 @@ def write(res:dict, out:Path):
         L.append(f'| {k} | {e[k]:.3g} |')
     L += ['', f"(loss {e['loss_theirs']:.6g} theirs, {e['loss_ours']:.6g} ours; grad_rel = max difference / max |grad| of three "
           f"conv weights; image scores are of order {e['image_score_scale']:.3g}.)", '']
+    if res.get('variant_equivalence'):
+        L += ['Our variants against ours as configured (same state; training loss and inference outputs):', '',
+              '| variant | loss (relative) | image_score | add_map | mul_map |', '|---|---|---|---|---|']
+        for v, d in res['variant_equivalence'].items():
+            L.append(f"| {v} | {d['loss_rel']:.3g} | {d['image_score']:.3g} | {d['add_map']:.3g} | {d['mul_map']:.3g} |")
+        L.append('')
     if 'timing' in res:
         L += ['## Time (theirs / ours, per alternating pair; > 1 means ours is faster)', '',
               '| what | variant | pairs | median | min | max | theirs median (s) | ours median (s) |', '|---|---|---|---|---|---|---|---|']
@@ -485,7 +474,7 @@ def main():
     ap.add_argument('--steps', type=int, default=5, help='timed pairs per measurement')
     ap.add_argument('--warmup', type=int, default=1)
     ap.add_argument('--threads', type=int, default=int(os.environ.get('VQFLOW_THREADS', 1)))
-    ap.add_argument('--variants', default='ours', help="comma-separated: ours, ours+bcond, ours+cl, ours+bcond+cl, ours+bf16 ...")
+    ap.add_argument('--variants', default='ours', help="comma-separated: ours, ours+dense, ours+bcond, ours+quant, ours+cl, ours+bf16 ... (see _patch_variant)")
     ap.add_argument('--memory-sides', default=None, help='comma-separated sides for the memory processes (default: theirs + variants)')
     ap.add_argument('--mem-steps', type=int, default=2, help='steps per mode in each memory process')
     ap.add_argument('--no-memory', action='store_true')

@@ -317,7 +317,7 @@ def forward(self:CSPC,
             sem:Tensor|None, # shared semantic map (B, sem_channels, h, w) = SemanticEncoder(top map), or None if sem_channels is None
             proto:Tensor, # conceptual prototypes (B, proto_dim) from the CPC
            ) -> dict:
-    "Flow condition of this scale: dict(cond (B, code_dim+proto_dim, H, W), index (B,H,W), commit, pattern)."
+    "Flow condition of this scale: dict(cond (B, code_dim+proto_dim, H, W), index (B,H,W), commit, pattern, codes, pe)."
     self._check(feat, sem, proto)
     B, _, H, W = feat.shape
     h = self._local(feat, sem)
@@ -325,7 +325,9 @@ def forward(self:CSPC,
     p = repeat(proto, 'b c -> b c h w', h=H, w=W)
     if self.codebook is None:   # residual: anchor + (h - anchor) = h; naive: the [h, PE] the codebook would quantise
         pattern = h if self.quantize == 'residual' else torch.cat([h, pe], 1)
-        return dict(cond=torch.cat([pattern, p], 1), index=None, commit=h.new_zeros(()), pattern=pattern)
+        return dict(cond=torch.cat([pattern, p], 1), index=None, commit=h.new_zeros(()), pattern=pattern, codes=None, pe=pe[0])
+    # the codes as looked up, before the EMA step overwrites them (ours: `flows.QuantCond` convolves the pattern from them)
+    codes = self.codebook.codes.clone() if self.training else self.codebook.codes
     if self.quantize == 'residual':
         anchor = torch.cat([pe, p], 1)
         qr, index, commit = self.codebook(rearrange(h - anchor, 'b c h w -> b h w c'))
@@ -333,7 +335,7 @@ def forward(self:CSPC,
     else:
         qx, index, commit = self.codebook(rearrange(torch.cat([h, pe], 1), 'b c h w -> b h w c'))
         pattern = rearrange(qx, 'b h w c -> b c h w')
-    return dict(cond=torch.cat([pattern, p], 1), index=index, commit=commit, pattern=pattern)
+    return dict(cond=torch.cat([pattern, p], 1), index=index, commit=commit, pattern=pattern, codes=codes, pe=pe[0])
 
 # %% ../nbs/05_codebooks.ipynb #d7efb090
 class HierarchicalCodebooks(nn.Module):
@@ -367,7 +369,7 @@ class HierarchicalCodebooks(nn.Module):
 @patch
 def forward(self:HierarchicalCodebooks, feats:list[Tensor], # pooled maps of the flow scales, then the (unpooled) top map
            ) -> dict:
-    "dict(conds per scale, fusion_cond, proto, proto_index, indices per CSPC, commit = sum of all commitments)."
+    "dict(conds per scale, fusion_cond, proto, proto_index, indices per CSPC, commit = sum of all commitments; patterns, codes, pes per CSPC)."
     if len(feats) != len(self.channels):
         raise ValueError(f"HierarchicalCodebooks.forward: got {len(feats)} maps, expected {len(self.channels)} (scales + top)")
     top = feats[-1]
@@ -377,4 +379,5 @@ def forward(self:HierarchicalCodebooks, feats:list[Tensor], # pooled maps of the
     fus = self.top_cspc(top, None, c['proto'])
     return dict(conds=[o['cond'] for o in outs], fusion_cond=fus['cond'], proto=c['proto'], s=c['s'],
                 proto_index=c['index'], indices=[o['index'] for o in outs] + [fus['index']],
-                commit=c['commit'] + sum(o['commit'] for o in outs) + fus['commit'])
+                commit=c['commit'] + sum(o['commit'] for o in outs) + fus['commit'],
+                **{n: [o[k] for o in outs + [fus]] for n, k in (('patterns', 'pattern'), ('codes', 'codes'), ('pes', 'pe'))})   # ours, for `flows.QuantCond`

@@ -19,9 +19,9 @@ from scipy.stats import special_ortho_group
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['positional_encoding_2d', 'ConvLNSubnet', 'subnet_conv_ln', 'subnet_fc', 'BroadcastCond', 'conv_broadcast',
-           'AllInOneBlock', 'SequenceFlow', 'conditional_flow', 'FusionSubnet', 'FusionCoupling', 'vqflow_flows',
-           'hgad_flow', 'count_params']
+__all__ = ['QUANT_CONV_LIMITS', 'positional_encoding_2d', 'ConvLNSubnet', 'subnet_conv_ln', 'subnet_fc', 'FCSubnet',
+           'BroadcastCond', 'QuantCond', 'PosCond', 'conv_broadcast', 'conv_quantised', 'AllInOneBlock', 'SequenceFlow',
+           'conditional_flow', 'FusionSubnet', 'FusionCoupling', 'vqflow_flows', 'hgad_flow', 'count_params']
 
 # %% ../nbs/04_flows.ipynb #76aa97a6
 def positional_encoding_2d(
@@ -63,11 +63,12 @@ class ConvLNSubnet(nn.Module):
     broadcast = True # accepts the constant part of a `BroadcastCond` as a vector (see below)
 
     def forward(self, x:Tensor, # (B,C,H,W): passive half and condition map
-                vec:Tensor|None=None, # (B,C_v): last C_v input channels, constant over positions (not repeated)
+                vec:Tensor|None=None, # (B,C_v): last C_v input channels, constant over positions (not repeated); or a `QuantCond` (all the condition's channels)
                ) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"ConvLNSubnet expects a (B,C,H,W) map, got shape {tuple(x.shape)}; use subnet_fc for vectors")
-        h = self.conv1(x) if vec is None else conv_broadcast(self.conv1, x, vec)
+        if vec is None: h = self.conv1(x)
+        else: h = conv_quantised(self.conv1, x, vec) if isinstance(vec, QuantCond) else conv_broadcast(self.conv1, x, vec)
         h = rearrange(self.ln(rearrange(h, "b c h w -> b h w c")), "b h w c -> b c h w")
         return self.conv2(self.relu(h))
 
@@ -81,7 +82,25 @@ def subnet_fc(c_in:int, # input features (passive half + condition)
               c_out:int, # output features
              ) -> nn.Module:
     "Build HGAD's fully connected coupling subnet Linear(c_in,2c_in)-ReLU-Linear(2c_in,c_out)."
-    return nn.Sequential(nn.Linear(c_in, 2 * c_in), nn.ReLU(), nn.Linear(2 * c_in, c_out))
+    return FCSubnet(nn.Linear(c_in, 2 * c_in), nn.ReLU(), nn.Linear(2 * c_in, c_out))
+
+# %% ../nbs/04_flows.ipynb #32aed281
+class FCSubnet(nn.Sequential):
+    "HGAD's Linear-ReLU-Linear subnet (an `nn.Sequential`: freia's state-dict keys); accepts a `PosCond` (see below)."
+    broadcast = True
+
+    def forward(self, x:Tensor, # (N,C) passive half, or passive half and condition
+                pos:PosCond|None=None, # the condition as one row per position, shared by every image (not repeated)
+               ) -> Tensor:
+        if pos is None: return super().forward(x)
+        lin = self[0]
+        w_x, w_p = torch.split(lin.weight, [x.shape[1], pos.pe.shape[1]], 1)
+        n, B = pos.pe.shape[0], pos.batch
+        # the condition's share of the first layer once per position, broadcast over the images; autograd sums its
+        # gradient over the images before the weight-gradient product (n rows instead of B*n)
+        h = (F.linear(x, w_x, lin.bias).view(B, n, -1) + F.linear(pos.pe.to(x.dtype), w_p)).view(B * n, -1)
+        for m in list(self)[1:]: h = m(h)
+        return h
 
 # %% ../nbs/04_flows.ipynb #28f3ac92
 class BroadcastCond(NamedTuple):
@@ -99,10 +118,43 @@ class BroadcastCond(NamedTuple):
         v = self.vec.view(*self.vec.shape, *(1,) * (self.map.dim() - 2)).expand(-1, -1, *self.map.shape[2:])
         return torch.cat([self.map, v], 1)
 
+# %% ../nbs/04_flows.ipynb #e2ecbc25
+class QuantCond(NamedTuple):
+    "VQ-Flow's residual-quantised condition (`conv_quantised` below) [pattern, vec]: pattern = [pe, vec] + codes[index], vec broadcast over positions."
+    pattern: Tensor # (B,C_e+C_v,H,W) the pattern as computed (its gradient goes to the codebook's input, straight-through)
+    index: Tensor # (B,H,W) code of every position
+    codes: Tensor # (K,C_e+C_v) the codebook the pattern was looked up in
+    pe: Tensor # (C_e,H,W) positional part of the anchor, the same for every image
+    vec: Tensor # (B,C_v) prototype: the anchor's last C_v channels and the condition's broadcast channels
+
+    @property
+    def shape(self) -> torch.Size:
+        "Shape of the dense condition it stands for (B, C_pattern + C_v, H, W)."
+        return torch.Size((self.pattern.shape[0], self.pattern.shape[1] + self.vec.shape[1], *self.pattern.shape[2:]))
+
+    def dense(self) -> Tensor:
+        "The condition as one tensor, [pattern, vec repeated at every position] (what the authors concatenate)."
+        return BroadcastCond(self.pattern, self.vec).dense()
+
+# %% ../nbs/04_flows.ipynb #d3279e2b
+class PosCond(NamedTuple):
+    "A per-row condition that is the same for every image: `pe` (n,P) for the n positions of one image, rows in (image, position) order."
+    pe: Tensor
+    batch: int
+
+    @property
+    def shape(self) -> torch.Size:
+        "Shape of the dense condition it stands for (batch*n, P)."
+        return torch.Size((self.batch * self.pe.shape[0], self.pe.shape[1]))
+
+    def dense(self) -> Tensor:
+        "The condition as one tensor: `pe` repeated for every image."
+        return self.pe.repeat(self.batch, 1)
+
 # %% ../nbs/04_flows.ipynb #0f98a1de
 def _as_cond(c, name:str) -> Tensor|BroadcastCond|None:
     "Accept a condition as None, a tensor, a `BroadcastCond`, or FrEIA-style list of tensors (concatenated along channels)."
-    if c is None or isinstance(c, BroadcastCond): return c
+    if c is None or isinstance(c, (BroadcastCond, QuantCond, PosCond)): return c
     if isinstance(c, (list, tuple)):
         if len(c) == 0: return None
         return torch.cat(list(c), 1) if len(c) > 1 else c[0]
@@ -132,6 +184,89 @@ def conv_broadcast(conv:nn.Conv2d, # the convolution (groups=1, zero padding)
     rows = _tap_mask(x.shape[2], w.shape[2], conv.stride[0], conv.padding[0], conv.dilation[0], y)
     cols = _tap_mask(x.shape[3], w.shape[3], conv.stride[1], conv.padding[1], conv.dilation[1], y)
     return y + torch.einsum("hi,boij,wj->bohw", rows, taps, cols)
+
+# %% ../nbs/04_flows.ipynb #17480582
+def _tap_index(index:Tensor, K:int, kh:int, kw:int, pad:int) -> Tensor:
+    "(B*H'*W', kh*kw): the table row each output position reads per tap, code*(kh*kw) + tap; code K (a zero row) outside the image."
+    ip = F.pad(index, (pad, pad, pad, pad), value=K)
+    Ho, Wo = ip.shape[1] - kh + 1, ip.shape[2] - kw + 1
+    cols = [ip[:, i:i + Ho, j:j + Wo] * (kh * kw) + (i * kw + j) for i in range(kh) for j in range(kw)]
+    return torch.stack(cols, -1).reshape(-1, kh * kw)
+
+class _CodeConv(torch.autograd.Function):
+    "Convolution of codes[index]: gather-sum of W_tap e_k; backward: scatter-add over codes, straight-through to `pattern`."
+    @staticmethod
+    def forward(ctx, w, codes, tap_idx, pattern, pad):
+        C_out, C_p, kh, kw = w.shape
+        w_r = w.permute(2, 3, 0, 1).reshape(kh * kw * C_out, C_p)       # rows (tap, out channel)
+        e = F.pad(codes.to(w.dtype), (0, 0, 0, 1))                       # + a zero code (padding)
+        T = (e @ w_r.t()).view(-1, C_out)                                # row k*taps + tap = W_tap e_k
+        ctx.save_for_backward(w, codes, tap_idx); ctx.pad, ctx.pshape = pad, pattern.shape
+        y = F.embedding_bag(tap_idx, T, mode='sum')                      # each position's sum of its 9 rows
+        B, _, H, W = pattern.shape
+        return y.view(B, H + 2 * pad - kh + 1, W + 2 * pad - kw + 1, C_out).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, g):
+        w, codes, tap_idx = ctx.saved_tensors
+        C_out, C_p, kh, kw = w.shape
+        K, dw, dcodes, dpat = codes.shape[0], None, None, None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            rows = g.permute(0, 2, 3, 1).reshape(-1, C_out)
+            S = g.new_zeros((K + 1) * kh * kw, C_out)
+            for t in range(kh * kw): S.index_add_(0, tap_idx[:, t], rows)   # S[k, tap] = sum of dy over positions reading code k there
+            S = S.view(K + 1, kh * kw * C_out)[:K]
+            if ctx.needs_input_grad[0]:
+                dw = (S.t() @ codes.to(S.dtype)).view(kh, kw, C_out, C_p).permute(2, 3, 0, 1)
+            if ctx.needs_input_grad[1]:
+                dcodes = (S @ w.permute(2, 3, 0, 1).reshape(kh * kw * C_out, C_p)).to(codes.dtype)
+        if ctx.needs_input_grad[3]: dpat = torch.nn.grad.conv2d_input(ctx.pshape, w, g, padding=ctx.pad)
+        return dw, dcodes, None, dpat, None
+
+class _ContiguousGrad(torch.autograd.Function):
+    "Identity whose backward makes the incoming gradient contiguous once (it arrives channels-last from the LayerNorm's permute), not once per consumer."
+    @staticmethod
+    def forward(ctx, x): return x.view_as(x)
+    @staticmethod
+    def backward(ctx, g): return g.contiguous()
+
+# %% ../nbs/04_flows.ipynb #4b0347ff
+# when the gather pays (measured A/B, `benchmarks/bench_fast_paths.py`, docs/performance.md): enough positions per code
+# (else the broadcast path) and a wide enough pattern (else the dense convolution); tests lower them to force the gather
+QUANT_CONV_LIMITS = dict(min_positions_per_code=2., min_pattern_channels=128)
+
+def conv_quantised(conv:nn.Conv2d, # the convolution (3x3-like: groups=1, stride 1, dilation 1, zero padding)
+                   x:Tensor, # (B,C_x,H,W) leading input channels (passive half, or the fusion's pooled halves)
+                   q:QuantCond, # the condition, the trailing C_pattern + C_v input channels
+                   min_positions_per_code:float|None=None, # below B*H*W / K of this, the broadcast path (None: `QUANT_CONV_LIMITS`)
+                   min_pattern_channels:int|None=None, # narrower patterns: the dense convolution (None: `QUANT_CONV_LIMITS`)
+                  ) -> Tensor:
+    "`conv(cat([x, q.dense()]))` from the codes: gather of per-tap code products, PE once per batch, prototype once per image."
+    w, (cx, ce, cv, cp) = conv.weight, (x.shape[1], q.pe.shape[0], q.vec.shape[1], q.pattern.shape[1])
+    if cp != ce + cv or cx + cp + cv != w.shape[1]:
+        raise ValueError(f"conv_quantised: {cx} map + {cp} pattern (= {ce} PE + {cv}?) + {cv} vector channels != the conv's {w.shape[1]} inputs")
+    if (conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.stride != (1, 1)
+            or conv.dilation != (1, 1) or len(set(conv.padding)) != 1):
+        raise ValueError("conv_quantised: needs groups=1, stride 1, dilation 1 and equal numeric zero padding")
+    B, _, H, W = x.shape
+    min_positions_per_code = QUANT_CONV_LIMITS['min_positions_per_code'] if min_positions_per_code is None else min_positions_per_code
+    if cp < (QUANT_CONV_LIMITS['min_pattern_channels'] if min_pattern_channels is None else min_pattern_channels): return conv(torch.cat([x, q.dense()], 1))
+    if (B * H * W < min_positions_per_code * q.codes.shape[0] or torch.is_autocast_enabled(x.device.type)
+            or not torch.is_floating_point(w)):
+        return conv_broadcast(conv, torch.cat([x, q.pattern], 1), q.vec)
+    w_x, w_e, w_pp, w_v = torch.split(w, [cx, ce, cv, cv], 1)
+    pad, (kh, kw) = conv.padding[0], w.shape[2:]
+    Ho, Wo = H + 2 * pad - kh + 1, W + 2 * pad - kw + 1
+    pe = F.conv2d(q.pe[None].to(w.dtype), w_e, conv.bias, 1, conv.padding)   # the same for every image (and the bias)
+    # the pattern's prototype part carries no gradient to p (straight-through); the broadcast channels do
+    taps = torch.einsum("bc,ocij->boij", q.vec.detach().to(w.dtype), w_pp) + torch.einsum("bc,ocij->boij", q.vec.to(w.dtype), w_v)
+    rc = torch.einsum("hi,wj->ijhw", _tap_mask(H, kh, 1, pad, 1, w), _tap_mask(W, kw, 1, pad, 1, w)).reshape(kh * kw, Ho * Wo)
+    # PE term + in-image taps of the prototype in one (B, C_out, H*W) map; then the passive half, and the codes in place
+    # (in place on the sum, not on a view of it: autograd would clone the map for every in-place op on a view)
+    y = torch.baddbmm(pe.view(1, -1, Ho * Wo), taps.flatten(2), rc.expand(B, -1, -1))
+    y = y.view(B, -1, Ho, Wo) + F.conv2d(x, w_x, None, 1, conv.padding)
+    code = _CodeConv.apply(torch.cat([w_e, w_pp], 1), q.codes, _tap_index(q.index, q.codes.shape[0], kh, kw, pad), q.pattern, pad)
+    return _ContiguousGrad.apply(y.add_(code))
 
 # %% ../nbs/04_flows.ipynb #ce5e4bf6
 def _global_affine_init(kind:str, init:float) -> float:
@@ -233,7 +368,11 @@ def _global_logdet(self:AllInOneBlock, x:Tensor, rev:bool, psi:Tensor|None=None)
 @patch
 def _scale_shift(self:AllInOneBlock, x1:Tensor, c:Tensor|None) -> tuple[Tensor, Tensor]:
     "Return the clamped log-scale s and the shift t from the passive half and the condition."
-    if isinstance(c, BroadcastCond):   # ours: constant channels handled as a vector where the subnet can
+    if isinstance(c, PosCond):   # ours: the per-position condition once per position where the subnet can
+        a = self.subnet(x1, c) if isinstance(self.subnet, FCSubnet) else self.subnet(torch.cat([x1, c.dense()], 1))
+    elif isinstance(c, QuantCond):   # ours: the condition convolved from its codes where the subnet can
+        a = self.subnet(x1, c) if isinstance(self.subnet, ConvLNSubnet) else self.subnet(torch.cat([x1, c.dense()], 1))
+    elif isinstance(c, BroadcastCond):   # ours: constant channels handled as a vector where the subnet can
         a = (self.subnet(torch.cat([x1, c.map], 1), c.vec) if getattr(self.subnet, "broadcast", False)
              else self.subnet(torch.cat([x1, c.dense()], 1)))
     else: a = self.subnet(torch.cat([x1, c], 1) if c is not None else x1)
@@ -381,9 +520,10 @@ def forward(self:FusionSubnet, hs:list[Tensor], c:Tensor|None=None) -> list[tupl
     "Return per-scale (s, t) from the list of driving halves and the coarsest-scale condition."
     coarse = hs[-1].shape[-2:]
     # the condition has the coarsest size, so pooling it is the identity (authors concat before pooling)
-    bc = isinstance(c, BroadcastCond)
-    pooled = [F.adaptive_avg_pool2d(h, coarse) for h in hs] + ([c.map if bc else c] if c is not None else [])
-    f = conv_broadcast(self.conv1, torch.cat(pooled, 1), c.vec) if bc else self.conv1(torch.cat(pooled, 1))
+    pooled = [F.adaptive_avg_pool2d(h, coarse) for h in hs]
+    if isinstance(c, QuantCond): f = conv_quantised(self.conv1, torch.cat(pooled, 1), c)
+    elif isinstance(c, BroadcastCond): f = conv_broadcast(self.conv1, torch.cat(pooled + [c.map], 1), c.vec)
+    else: f = self.conv1(torch.cat(pooled + ([c] if c is not None else []), 1))
     f = rearrange(self.norm(rearrange(f, "b c h w -> b h w c")), "b h w c -> b c h w")
     f = F.relu(self.conv2(F.relu(f)))
     fs = torch.split(f, self.in_channels, 1)

@@ -15,7 +15,7 @@ from einops import rearrange, repeat
 from scipy.ndimage import gaussian_filter
 
 from .core import exists, default
-from .flows import hgad_flow, positional_encoding_2d, count_params
+from .flows import hgad_flow, positional_encoding_2d, count_params, PosCond
 from .method import Method, Schedule, Scores, register_method
 from fastcore.basics import patch
 
@@ -56,6 +56,7 @@ class HGADConfig:
     sigma_ref:int|None = 256 # mask side that sigma is given for [code] --msk_size 256; None: sigma in pixels at any size
     variant:str = 'code' # '+'-joined switches of VARIANTS (see the table above)
     seed:int|None = None # flow permutation seeds (None: numpy's global RNG, like FrEIA)
+    pos_broadcast:bool = True # ours: the positional share of each subnet's first layer once per position, broadcast over the batch (`flows.PosCond`): same maths, faster (docs/performance.md)
 
     def __post_init__(self):
         if bad := self.switches - set(VARIANTS): raise ValueError(f"HGADConfig: unknown variant switch(es) {sorted(bad)}; use '+'-joined {VARIANTS}")
@@ -248,7 +249,8 @@ class HGAD(Method):
         "Run level l's flow on every position of the map."
         B, C, h, w = x.shape
         if C != self.cfg.channels[l]: raise ValueError(f"HGAD level {l}: expected {self.cfg.channels[l]} channels, got {C}")
-        cond = repeat(self.pos(h, w, x.device, x.dtype), 'n p -> (b n) p', b=B)
+        pe = self.pos(h, w, x.device, x.dtype)
+        cond = PosCond(pe, B) if self.cfg.pos_broadcast else repeat(pe, 'n p -> (b n) p', b=B)
         return self.flows[l](rearrange(x, 'b c h w -> (b h w) c'), cond)
 
     def _check(self, feats):

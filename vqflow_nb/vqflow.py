@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 import pandas as pd
 from .core import exists, default
-from .flows import vqflow_flows, count_params, positional_encoding_2d, FusionCoupling, BroadcastCond
+from .flows import vqflow_flows, count_params, positional_encoding_2d, FusionCoupling, BroadcastCond, QuantCond
 from .core import codebook_perplexity
 from .codebooks import HierarchicalCodebooks
 from .prior import MixedGaussianPrior
@@ -50,6 +50,7 @@ class VQFlowConfig:
     top_k:float = 0.03 # image score = mean of the top 3 % of the 'mul' map (code: `default.py` top_k, `post_process.py`)
     seed:int|None = None # permutation seeds of the flows (None: numpy's global RNG, like FrEIA)
     broadcast_cond:bool = False # ours: hand the flows the prototype part of the condition as one vector per image (`flows.BroadcastCond`): same maths, 1.37x/1.25x faster training/inference on a CPU, slower on a GPU (docs/performance.md)
+    quant_conv:str = 'cpu' # ours: where the flows convolve the condition from its codes (`flows.QuantCond`): 'cpu' (measured faster there), 'all', 'none' (the dense path); same maths up to float summation order (docs/performance.md)
     checkpoint:bool = False # ours, not the authors': recompute flow-block activations in backward (less memory, ~1/3 more time)
     # optimisation (code: `main.py:parsing_args` and `train.py:train`): Adam 1e-4, batch 16, 30 meta-epochs x 2
     # sub-epochs (argparse wins over default.py), LinearLR warm-up from 0.1x over 5 meta-epochs = 10 sub-epochs,
@@ -126,10 +127,15 @@ def _pe_conditions(self:VQFlow, xs:list) -> dict:
 
 # %% ../nbs/10_vqflow.ipynb #3260e67a
 @patch
-def _flow_cond(self:VQFlow, cond, cb:dict):
-    "The condition as computed, or, with `broadcast_cond`, as [pattern map, prototype vector] (the prototype is its last channels)."
-    if not self.cfg.broadcast_cond or self.cfg.condition != 'vq' or cond is None: return cond
-    return BroadcastCond(cond[:, :-self.cfg.proto_dim], cb['proto'])
+def _flow_cond(self:VQFlow, cond, cb:dict, level:int=-1):
+    "The condition as computed, or the same maths in a faster form: from its codes (`quant_conv`) or with a broadcast prototype (`broadcast_cond`)."
+    c = self.cfg   # level: which CSPC made `cond` (0.. for the scales, -1 for the fusion)
+    if c.quant_conv not in ('cpu', 'all', 'none'): raise ValueError(f"quant_conv={c.quant_conv!r}: expected 'cpu', 'all' or 'none'")
+    if c.condition != 'vq' or cond is None: return cond
+    if (c.quantize == 'residual' and cb.get('codes') and cb['codes'][level] is not None
+            and (c.quant_conv == 'all' or c.quant_conv == 'cpu' and cond.device.type == 'cpu')):
+        return QuantCond(cb['patterns'][level], cb['indices'][level], cb['codes'][level], cb['pes'][level], cb['proto'])
+    return BroadcastCond(cond[:, :-c.proto_dim], cb['proto']) if c.broadcast_cond else cond
 
 @patch
 def forward(self:VQFlow, feats:list, # backbone maps [stage1, stage2, stage3, stage4], (B,C_l,H_l,W_l)
@@ -137,12 +143,12 @@ def forward(self:VQFlow, feats:list, # backbone maps [stage1, stage2, stage3, st
     "Latents per scale, total log-det, summed commitment, and the codes chosen."
     xs, cb = self.conditions(feats)
     zs, log_det = [], feats[3].new_zeros(feats[3].shape[0])
-    for flow, x, cond in zip(self.flows, xs, cb['conds']):
-        z, ld = flow(x, self._flow_cond(cond, cb)); zs.append(z); log_det = log_det + ld
+    for l, (flow, x, cond) in enumerate(zip(self.flows, xs, cb['conds'])):
+        z, ld = flow(x, self._flow_cond(cond, cb, l)); zs.append(z); log_det = log_det + ld
     if exists(self.prior):
         zs, ld = self.prior(zs, cb['proto'])
         log_det = log_det + ld                 # zero in the 'code' variant (see docs/vqflow.md)
-    zs, ld = self.fusion(zs, self._flow_cond(cb['fusion_cond'], cb))
+    zs, ld = self.fusion(zs, self._flow_cond(cb['fusion_cond'], cb, -1))
     return dict(zs=zs, log_det=log_det + ld, commit=cb['commit'], proto_index=cb['proto_index'],
                 pattern_index=cb['indices'])
 
