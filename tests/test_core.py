@@ -79,3 +79,10 @@ def test_just_written_file_is_not_remembered(tmp_path, monkeypatch):
     f = tmp_path / 'new.raw'; f.write_bytes(b'abc')
     file_fingerprint([f])
     assert str(f.absolute()) not in core._DIGESTS and not (tmp_path / 'memo.json').exists()
+
+
+def test_memo_drops_deleted_files(memo, tmp_path):
+    a, b = _old_file(tmp_path / 'a.raw', b'a'), _old_file(tmp_path / 'b.raw', b'b')
+    file_fingerprint([a, b]); b.unlink()
+    c = _old_file(tmp_path / 'c.raw', b'c'); file_fingerprint([c])
+    assert set(core._read_memo(memo)) == {str(a.absolute()), str(c.absolute())}

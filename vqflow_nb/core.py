@@ -166,7 +166,7 @@ def _write_memo(fn:Path|None, new:dict):
     if not exists(fn) or not new: return
     try:
         fn.parent.mkdir(parents=True, exist_ok=True)
-        memo = {**_read_memo(fn), **new}
+        memo = {k: v for k, v in {**_read_memo(fn), **new}.items() if k in new or os.path.exists(k)}   # drop deleted files
         tmp = fn.with_name(f'.{fn.name}.{os.getpid()}.tmp')
         tmp.write_text(json.dumps(memo)); os.replace(tmp, fn)
     except OSError: pass   # a read-only project: the in-process memo still works
