@@ -61,7 +61,7 @@ TESTS = dict(flows=['test_flows.py', 'test_hgad.py'], codebooks=['test_codebooks
 
 
 def pytest_args(module:str) -> list:
-    files = ['tests/test_pinned.py'] + [f'tests/{f}' for f in TESTS[module]]
+    files = ['tests/test_pinned.py', 'tests/test_pinned_*.py'] + [f'tests/{f}' for f in TESTS[module]]   # globs: expanded by the server
     return ['-x', '-q', '-p', 'no:cacheprovider', '-k', ' and '.join(f'not {t}' for t in SLOW), *files]
 
 
@@ -91,8 +91,9 @@ def serve(sock_path:str, root:str):
             os.dup2(fd, 1); os.dup2(fd, 2)
             os.chdir(root); sys.path.insert(0, root)
             os.environ['MPLBACKEND'] = 'Agg'
-            import pytest
-            try: rc = int(pytest.main(req['args']))
+            import glob, pytest
+            args = [x for a in req['args'] for x in (sorted(glob.glob(a)) if '*' in a else [a])]
+            try: rc = int(pytest.main(args))
             except BaseException: rc = 3
             sys.stdout.flush(); sys.stderr.flush()
             os._exit(rc)
@@ -118,11 +119,16 @@ def client(sock_path:str, module:str, timeout:float):
     sys.exit(ask(sock_path, args=pytest_args(module), timeout=timeout).get('rc', 3))
 
 
+DRIVER = __file__
+
 class Server:
+    "The test server, started from a copy of this script in the scratch folder (edits to the script cannot reach a run)."
     def __init__(self, root:Path):
+        global DRIVER
+        DRIVER = str(root / 'mutation_driver.py'); shutil.copy(__file__, DRIVER)
         self.sock = str(root / 'server.sock')
         self.log = open(root / 'server.log', 'w')
-        self.proc = subprocess.Popen([sys.executable, __file__, 'serve', '--socket', self.sock, '--root', str(root)],
+        self.proc = subprocess.Popen([sys.executable, DRIVER, 'serve', '--socket', self.sock, '--root', str(root)],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         for _ in range(600):
             if os.path.exists(self.sock): break
@@ -162,6 +168,20 @@ def definitions(path:Path) -> list:
     return out
 
 
+def annotation_spans(path:Path) -> list:
+    "((line, col), (end line, end col)) of every annotation: never evaluated under `from __future__ import annotations`."
+    src = path.read_text(); lines = src.splitlines()
+    ch = lambda ln, byte: len(lines[ln - 1].encode()[:byte].decode(errors='ignore'))   # ast columns are UTF-8 bytes
+    out = []
+    for node in ast.walk(ast.parse(src)):
+        anns = []
+        if isinstance(node, ast.arg) and node.annotation is not None: anns.append(node.annotation)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None: anns.append(node.returns)
+        if isinstance(node, ast.AnnAssign): anns.append(node.annotation)
+        out += [((a.lineno, ch(a.lineno, a.col_offset)), (a.end_lineno, ch(a.end_lineno, a.end_col_offset))) for a in anns]
+    return out
+
+
 BITS = ('BitOr', 'BitAnd', 'BitXor', 'LShift', 'RShift')
 
 def _plausible(op:str) -> bool:
@@ -187,20 +207,22 @@ def build_session(db_path:Path, root:Path, n:int, seed:int) -> dict:
         for m, names in SCOPE.items():
             missing = set(names) - {d[0] for d in spans[m]}
             if missing: raise SystemExit(f'scope: {m}.py has no function(s) {sorted(missing)}')
+        anns = {m: annotation_spans(root / 'vqflow_nb' / f'{m}.py') for m in SCOPE}
         by_fn, skip, total = defaultdict(list), [], 0
         for item in db.work_items:
             mut = item.mutations[0]
             mod, line = Path(mut.module_path).stem, mut.start_pos[0]
             fn = next((d[0] for d in spans[mod] if d[1] <= line <= d[2]), None)
             total += 1
-            if fn is None or not _plausible(mut.operator_name): skip.append(item.job_id)
+            in_ann = any(a <= tuple(mut.start_pos) < b for a, b in anns[mod])
+            if fn is None or in_ann or not _plausible(mut.operator_name): skip.append(item.job_id)
             else: by_fn[mod, fn].append(item.job_id)
         in_scope = sum(len(v) for v in by_fn.values())
         rng, keep = random.Random(seed), set()
         frac = min(1.0, n / max(in_scope, 1))
-        for k in sorted(by_fn):   # stratified: each function gets its share (at least 2)
+        for k in sorted(by_fn):   # stratified: each function gets its share (at least 1)
             ids = sorted(by_fn[k])
-            keep.update(rng.sample(ids, min(len(ids), max(2, round(frac * len(ids))))))
+            keep.update(rng.sample(ids, min(len(ids), max(1, round(frac * len(ids))))))
         skip += [j for ids in by_fn.values() for j in ids if j not in keep]
         db.set_multiple_results(skip, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
         fn_of = {j: f'{m}.{f}' for (m, f), ids in by_fn.items() for j in ids}
@@ -227,7 +249,7 @@ def execute(db_path:Path, root:Path, minutes:float, server:Server):
             if time.time() - t0 > minutes * 60: print('time budget spent', flush=True); break
             m = Path(item.mutations[0].module_path).stem
             timeout = max(60., 3 * base[m])
-            cmd = f'{sys.executable} {__file__} client --socket {server.sock} --module {m} --timeout {timeout}'
+            cmd = f'{sys.executable} {DRIVER} client --socket {server.sock} --module {m} --timeout {timeout}'
             res = mutate_and_test(item.mutations, cmd, timeout + 30)
             db.set_result(item.job_id, res); done += 1
             if done % 10 == 0: print(f'{done}/{len(pending)} mutants, {time.time() - t0:.0f} s', flush=True)
@@ -252,50 +274,98 @@ def _changed_line(diff:str) -> tuple:
     return old, new, ln
 
 
-def report(db_path:Path, info:dict|None=None) -> str:
+def _survivors(db) -> list:
+    "The survivors in the database as dicts (job, module, line, operator, original and mutated line)."
+    out = []
+    for item, res in db.completed_work_items:
+        if res.test_outcome != 'survived': continue
+        mut = item.mutations[0]; old, new, _ = _changed_line(res.diff or '')
+        out.append(dict(job=item.job_id, module=Path(mut.module_path).stem, line=mut.start_pos[0],
+                        op=mut.operator_name.split('/')[-1], old=old, new=new))
+    return out
+
+
+def recheck(db_path:Path, root:Path, server:Server) -> int:
+    "Re-run the run's survivors with the working tree's current tests (after pinning them); returns how many still survive."
+    from cosmic_ray.mutating import mutate_and_test
     from cosmic_ray.work_db import WorkDB, use_db
-    import cosmic_ray
+    shutil.rmtree(root / 'tests'); shutil.copytree(ROOT / 'tests', root / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
+    first = SCRATCH / 'first_survivors.json'
+    left = 0
+    with use_db(str(db_path), WorkDB.Mode.open) as db:
+        if not first.exists(): first.write_text(json.dumps(_survivors(db), indent=1))   # the run's own survivors, kept for the report
+        items = {it.job_id: it for it in db.work_items}
+        for sv in json.loads(first.read_text()):
+            item = items[sv['job']]
+            cmd = f"{sys.executable} {DRIVER} client --socket {server.sock} --module {sv['module']} --timeout 300"
+            new = mutate_and_test(item.mutations, cmd, 330)
+            db.set_result(item.job_id, new); left += new.test_outcome == 'survived'
+            print(f"{sv['module']}:{sv['line']} {sv['op']}: {new.test_outcome}", flush=True)
+    return left
+
+
+def report(db_path:Path, info:dict|None=None, hand_results:list|None=None) -> str:
+    from cosmic_ray.work_db import WorkDB, use_db
+    from importlib.metadata import version
     meta = json.loads((db_path.parent / 'session.json').read_text())
-    rows, surv = defaultdict(Counter), []
+    first_path = db_path.parent / 'first_survivors.json'
+    rows, now = defaultdict(Counter), {}
     with use_db(str(db_path), WorkDB.Mode.open) as db:
         for item, res in db.completed_work_items:
             if res.worker_outcome == 'skipped': continue
-            mut = item.mutations[0]; m = Path(mut.module_path).stem
+            m = Path(item.mutations[0].module_path).stem
             if res.worker_outcome == 'no-test': rows[m]['no-test'] += 1; continue
             kind = 'survived' if res.test_outcome == 'survived' else 'incompetent' if res.test_outcome == 'incompetent' else 'killed'
-            rows[m][kind] += 1
-            if kind == 'survived':
-                old, new, _ = _changed_line(res.diff or '')
-                surv.append((m, meta['fn_of'].get(item.job_id, '?'), mut.start_pos[0], mut.operator_name.split('/')[-1], old, new))
+            rows[m][kind] += 1; now[item.job_id] = kind
         pending = db.num_work_items - db.num_results
-    tot = Counter()
+        first = json.loads(first_path.read_text()) if first_path.exists() else _survivors(db)
+    first_rows = defaultdict(Counter)   # the run itself, before any survivor was pinned
+    for m, c in rows.items(): first_rows[m].update(c)
+    for sv in first:
+        if now.get(sv['job']) == 'killed': first_rows[sv['module']]['killed'] -= 1; first_rows[sv['module']]['survived'] += 1
+    tot, tot1 = Counter(), Counter()
     for c in rows.values(): tot.update(c)
+    for c in first_rows.values(): tot1.update(c)
     score = lambda c: 100 * c['killed'] / max(c['killed'] + c['survived'], 1)
-    n_equiv = sum((m, new) in DISPOSITIONS and DISPOSITIONS[m, new].startswith('equivalent') for m, *_, new in surv)
+    disp = lambda sv: ('killed on re-run by ' + DISPOSITIONS.get((sv['module'], sv['new']), 'the pinned tests')
+                       if now.get(sv['job']) == 'killed' else DISPOSITIONS.get((sv['module'], sv['new']), 'open'))
+    n_equiv = sum(now.get(sv['job']) == 'survived' and disp(sv).startswith('equivalent') for sv in first)
     L = ['# Mutation testing of the maths modules', '',
-         f'Tool: cosmic-ray {getattr(cosmic_ray, "__version__", "8.7.0")} (PyPI `cosmic-ray`), driven by `benchmarks/mutation.py` '
-         '(`make mutation`). Not in CI: it needs tens of minutes on this 2-core machine.', '',
-         'Method: every mutant cosmic-ray generates in the functions listed in `SCOPE` (benchmarks/mutation.py), less the '
-         'operators that only produce crashes on tensors (arithmetic -> bitwise/shift, unary ~/not on numbers, `is` for '
-         'numbers, decorator removal); a seeded sample stratified by function; each mutant judged by tests/test_pinned.py '
-         'plus the module\'s own fast pytest file(s) with `-x` (the slowest tests deselected; notebooks not run). '
-         'A mutant is killed when a test fails, errors or times out (cosmic-ray\'s rule).', '',
+         f'Tool: cosmic-ray {version("cosmic-ray")} (PyPI `cosmic-ray`), driven by `benchmarks/mutation.py` '
+         '(`make mutation`). Not in CI: it needs tens of minutes on this 2-core machine; run it before closing an issue '
+         'that touches these modules.', '',
+         'Method: every mutant cosmic-ray generates in the functions listed in `SCOPE` (benchmarks/mutation.py: flows, '
+         'codebooks, prior, the three methods\' losses and scores, metrics, `Schedule.lr_factor`, the trainer\'s lr and '
+         'best-epoch selection), less the mutants inside type annotations (never evaluated) and the operators that only '
+         'produce crashes on tensors (arithmetic -> bitwise/shift, unary ~/not on numbers, `is` for numbers, decorator '
+         'removal); a seeded sample stratified by function; each mutant judged by tests/test_pinned*.py plus the module\'s '
+         'own fast pytest file(s) with `-x` (the slowest tests deselected; notebooks not run). A mutant is killed when a '
+         'test fails, errors or times out (cosmic-ray\'s rule). The score is killed / (killed + survived).', '',
          f'Sample: {meta["sampled"]} of {meta["in_scope"]} in-scope mutants (seed {meta["seed"]}; {meta["total"]} mutants in '
-         f'the nine modules before scoping)' + (f'; {pending} pending when the time budget ran out' if pending else '') + '.', '']
-    if info: L += [f'Run: {info["run"]} mutants in {info["seconds"] / 60:.1f} min (nice 10, shared 2-core machine); '
-                   'baseline subset seconds per module: ' + ', '.join(f'{k} {v:.0f}' for k, v in info['base'].items()) + '.', '']
-    L += ['| module | killed | survived | incompetent | no-test | score |', '|---|---:|---:|---:|---:|---:|']
+         'the nine modules before scoping)' + (f'; {pending} not run when the time budget ran out (the run order is '
+         'shuffled, so the ones run are a uniform subsample)' if pending else '') + '.', '']
+    if info: L += [f'Run: {info["run"]} mutants in {info["seconds"] / 60:.1f} min (nice 10, on the 2-core machine shared '
+                   'with three other agents); unmutated subset per module, seconds: ' +
+                   ', '.join(f'{k} {v:.0f}' for k, v in info['base'].items()) + '.', '']
+    L += ['| module | killed | survived | incompetent | no-test | score of the run | score after pinning |',
+          '|---|---:|---:|---:|---:|---:|---:|']
     for m in SCOPE:
-        c = rows.get(m, Counter())
-        L.append(f'| {m} | {c["killed"]} | {c["survived"]} | {c["incompetent"]} | {c["no-test"]} | {score(c):.1f} % |')
+        c, c1 = rows.get(m, Counter()), first_rows.get(m, Counter())
+        L.append(f'| {m} | {c["killed"]} | {c["survived"]} | {c["incompetent"]} | {c["no-test"]} | {score(c1):.1f} % | {score(c):.1f} % |')
     eq_score = 100 * tot['killed'] / max(tot['killed'] + tot['survived'] - n_equiv, 1)
-    L += [f'| **all** | {tot["killed"]} | {tot["survived"]} | {tot["incompetent"]} | {tot["no-test"]} | **{score(tot):.1f} %** |', '',
-          f'Mutation score {score(tot):.1f} % (killed / (killed + survived)); {eq_score:.1f} % with the {n_equiv} survivors '
-          'marked equivalent below left out.', '', '## Survivors', '',
-          '| module | function | line | operator | mutated line | disposition |', '|---|---|---:|---|---|---|']
-    for m, fn, line, op, old, new in sorted(surv):
-        d = DISPOSITIONS.get((m, new), 'open')
-        L.append(f'| {m} | {fn.split(".", 1)[1]} | {line} | {op} | `{new.replace("|", chr(92) + "|")}` | {d} |')
+    L += [f'| **all** | {tot["killed"]} | {tot["survived"]} | {tot["incompetent"]} | {tot["no-test"]} | **{score(tot1):.1f} %** | '
+          f'**{score(tot):.1f} %** |', '',
+          f'Mutation score of the run: **{score(tot1):.1f} %** ({tot1["killed"]} killed, {tot1["survived"]} survived). After '
+          f'pinning the real survivors (tests/test_pinned_mutants.py) and re-running them: **{score(tot):.1f} %**; '
+          f'**{eq_score:.1f} %** with the {n_equiv} survivors explained as equivalent left out.', '',
+          '## Survivors of the run and their dispositions', '',
+          '| module | line | operator | mutated line | disposition |', '|---|---:|---|---|---|']
+    esc = lambda t: t.replace('|', chr(92) + '|')
+    for sv in sorted(first, key=lambda d: (d['module'], d['line'])):
+        L.append(f"| {sv['module']} | {sv['line']} | {sv['op']} | `{esc(sv['new'])}` | {esc(disp(sv))} |")
+    if hand_results:
+        L += ['', "## Issue 23's hand-written breaks", '', '| break | module | caught by (tests/test_pinned*.py) |', '|---|---|---|']
+        L += [f"| {w} | {m} | {', '.join(f) or '**missed**'} |" for w, m, _, f in hand_results]
     return '\n'.join(L) + '\n'
 
 
@@ -350,11 +420,15 @@ def hand(server:Server, root:Path) -> list:
         p.write_text(src.replace(old, new))
         try:
             log = root / 'hand.log'
-            r = server.run(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/test_pinned.py'], timeout=300, log=log)
+            r = server.run(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/test_pinned.py', 'tests/test_pinned_*.py'], timeout=300, log=log)
             failed = sorted({l.split('::')[1].split(' ')[0].split('[')[0] for l in log.read_text().splitlines() if l.startswith('FAILED ')})
         finally: p.write_text(src)
         out.append((what, mod, r['rc'], failed)); print(f"{'CAUGHT' if failed else 'MISSED'} {what}: {', '.join(failed)}", flush=True)
     return out
+
+
+def _load(p:Path):
+    return json.loads(p.read_text()) if p.exists() else None
 
 
 def main():
@@ -368,26 +442,34 @@ def main():
     ap.add_argument('--resume', action='store_true', help='continue the last session (same sample)')
     ap.add_argument('--hand', action='store_true', help="replay issue 23's hand-written breaks against tests/test_pinned.py")
     ap.add_argument('--report-only', action='store_true')
+    ap.add_argument('--recheck', action='store_true', help="re-run the last session's survivors with the current tests")
     a = ap.parse_args()
     if a.cmd == 'serve': return serve(a.socket, a.root)
     if a.cmd == 'client': return client(a.socket, a.module, a.timeout)
     db = SCRATCH / 'session.sqlite'
-    if a.report_only: MD.write_text(report(db)); print(MD.read_text()); return
+    if a.report_only: MD.write_text(report(db, _load(SCRATCH / 'run.json'), _load(SCRATCH / 'hand.json'))); print(MD.read_text()); return
     root = SCRATCH / 'tree'
     if not a.resume or not root.exists(): scratch_copy(root)
     server = Server(root)
     try:
+        if a.recheck:
+            print(f'{recheck(db, root, server)} survivors left')
+            MD.write_text(report(db, _load(SCRATCH / 'run.json'), _load(SCRATCH / 'hand.json'))); print(MD.read_text()); return
         if a.hand:
             res = hand(server, root)
-            print(f"{sum(bool(f) for *_, f in res)} of {len(res)} hand-written breaks caught by tests/test_pinned.py")
+            (SCRATCH / 'hand.json').write_text(json.dumps(res))
+            print(f"{sum(bool(f) for *_, f in res)} of {len(res)} hand-written breaks caught by tests/test_pinned*.py")
+            if db.exists(): MD.write_text(report(db, _load(SCRATCH / 'run.json'), res))
             return
         if not a.resume:
+            (SCRATCH / 'first_survivors.json').unlink(missing_ok=True)
             meta = build_session(db, root, a.n, a.seed)
             print(f"{meta['sampled']} of {meta['in_scope']} in-scope mutants sampled ({meta['total']} in the modules)", flush=True)
         info = execute(db, root, a.minutes, server)
+        (SCRATCH / 'run.json').write_text(json.dumps(info))
     finally: server.close()
     MD.parent.mkdir(parents=True, exist_ok=True)
-    MD.write_text(report(db, info)); print(MD.read_text())
+    MD.write_text(report(db, info, _load(SCRATCH / 'hand.json'))); print(MD.read_text())
 
 
 if __name__ == '__main__': main()

@@ -1,0 +1,105 @@
+"""Behaviours pinned after the mutation benchmark (benchmarks/mutation.py, results/benchmarks/mutation.md) found a
+one-token break of them that every other fast test let through. Each test names the surviving mutant it now kills."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vqflow_nb.flows import AllInOneBlock
+from vqflow_nb.method import Schedule
+from vqflow_nb.train import fit, make_optimizer, set_lr
+
+from test_pinned import _Scripted, _Store, _torch_lrs
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize('kind', ['SOFTPLUS', 'SIGMOID', 'EXP'])
+@pytest.mark.parametrize('init', [0.3, 1.0, 2.5])
+def test_global_affine_starts_at_its_init(kind, init):
+    """freia 0.2: an AllInOneBlock's global scale Psi(beta_0) equals `global_affine_init` for every activation.
+    Kills: `kind == "SIGMOID"` -> `kind < "SIGMOID"` in `_global_affine_init` (EXP then used the sigmoid's inverse)."""
+    blk = AllInOneBlock(4, global_affine_type=kind, global_affine_init=init, seed=0)
+    torch.testing.assert_close(blk.scale().detach(), torch.full((1, 4), init), rtol=1e-5, atol=1e-6)
+
+
+class _Grouped(_Scripted):
+    "A scripted method with its own parameter groups: the first carries lr_scale 3, the second none."
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw); self.v = nn.Parameter(torch.zeros(1))
+    def loss(self, feats, batch): return dict(loss=(self.w - feats[0].mean()).pow(2).sum() + self.v.pow(2).sum())
+    def param_groups(self, sch): return [dict(params=[self.w], lr_scale=3.0), dict(params=[self.v])]
+
+
+def test_fit_scales_each_group_lr_by_its_lr_scale():
+    """`fit` with a method's `param_groups`: each group trains at lr x `Schedule.lr_factor` x its `lr_scale` (HGAD's
+    centre groups, 3x in the paper variant). Kills: `sch.lr * factor * scale` -> `sch.lr * factor ** scale` in `set_lr`."""
+    res = fit(_Grouped([(True, True)] * 3, warmup_epochs=2, warmup_start=0.5, lr=1e-2), _Store(), None, progress=False, seed=0)
+    np.testing.assert_allclose([h['lr'] for h in res.history], [3 * x for x in _torch_lrs(1e-2, 3, 2, 0.5, (), 0.1)], rtol=1e-12)
+    opt = make_optimizer([dict(params=[nn.Parameter(torch.zeros(1))], lr_scale=3.0), dict(params=[nn.Parameter(torch.zeros(1))])],
+                         Schedule(lr=2e-3))
+    set_lr(opt, Schedule(lr=2e-3), 0.25)
+    assert [g['lr'] for g in opt.param_groups] == pytest.approx([2e-3 * 0.25 * 3, 2e-3 * 0.25], rel=1e-12)
+
+
+def test_conv_broadcast_refuses_what_it_cannot_compute():
+    """`conv_broadcast` (the `broadcast_cond` fast path) handles zero padding with numeric sizes and groups=1 only; any other
+    convolution is an error, not a silently different result. Kills: `... or padding_mode != 'zeros' or isinstance(...)`
+    -> `... and isinstance(...)` (a reflect-padded conv accepted)."""
+    from vqflow_nb.flows import conv_broadcast
+    x, vec = torch.randn(1, 3, 5, 5), torch.randn(1, 2)
+    for conv in (nn.Conv2d(5, 4, 3, padding=1, padding_mode='reflect'), nn.Conv2d(5, 4, 3, padding='same'),
+                 nn.Conv2d(6, 4, 3, padding=1, groups=2)):
+        with pytest.raises(ValueError, match='groups=1 and numeric zero padding'): conv_broadcast(conv, x, vec if conv.groups == 1 else torch.randn(1, 3))
+    conv = nn.Conv2d(5, 4, 3, padding=1)
+    dense = conv(torch.cat([x, vec[:, :, None, None].expand(-1, -1, 5, 5)], 1))
+    torch.testing.assert_close(conv_broadcast(conv, x, vec), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_progress_names_the_evaluated_epoch(capsys):
+    """With `progress=True` every evaluation prints its (1-based) epoch and the mean metrics.
+    Kills: `epoch+1` -> `epoch%1` in `_record_eval`'s message."""
+    fit(_Scripted([(True, True), (True, False)]), _Store(), _Store(), progress=True, seed=0)
+    out = capsys.readouterr().out
+    assert 'epoch 1: i_auroc=1.000' in out and 'epoch 2: i_auroc=1.000' in out and 'p_auroc=0.000' in out
+
+
+def test_label_free_router_picks_the_class_whose_top_codebook_fits_best():
+    """`HVQTrans.route` (variant label_free): each image goes to the class copy whose top codebook quantises its tokens with
+    the lowest mean squared error ||e - c||^2. Kills: the cross term's factor 2 -> 1 in the expanded distance."""
+    from vqflow_nb.hvqtrans import HVQTrans, HVQTransConfig
+    torch.manual_seed(0)
+    m = HVQTrans(HVQTransConfig.small('cached+label_free', channels=12, feature_size=(2, 2), n_classes=3, n_codes=4,
+                                      embed_dim=8, heads=2, ffn=16)).eval()
+    x = torch.randn(8); x = 10 * x / x.norm()
+    with torch.no_grad():
+        for c, a in enumerate((1.0, 0.5, -1.0)):          # class 0's codes are x itself: distance 0
+            m.codebooks.book(c, 'top').embed.copy_((a * x)[:, None].expand(-1, 4))
+    e4 = x.expand(2, 4, 8).clone()
+    assert m.route(e4).tolist() == [0, 0]
+    g = torch.Generator().manual_seed(1)                  # random codes and tokens against the brute-force definition
+    with torch.no_grad():
+        for c in range(3): m.codebooks.book(c, 'top').embed.copy_(3 * torch.randn(8, 4, generator=g) + c)
+    e4 = 2 * torch.randn(5, 4, 8, generator=g) + 1
+    err = torch.stack([((e4[:, :, None] - m.codebooks.book(c, 'top').codes[None, None]) ** 2).sum(-1).amin(-1).mean(-1)
+                       for c in range(3)], 1)
+    assert torch.equal(m.route(e4), err.argmin(1))
+
+
+def test_mean_row_counts_the_classes_averaged():
+    """`evaluate_classes`' mean row: `n_classes` = the largest number of classes any metric averages (an image-only class
+    still counts). Kills: `if counts` -> `if not counts` in `_with_mean`."""
+    from vqflow_nb.metrics import evaluate_classes
+    masks = np.zeros((4, 6, 6), np.uint8); masks[1, 1:3, 1:3] = 1; masks[3, 2:5, 2:4] = 1
+    maps = np.random.default_rng(0).normal(size=(4, 6, 6)).astype(np.float32) + masks
+    lab = np.array([0, 1, 0, 1])
+    t = evaluate_classes(dict(a=dict(labels=lab, scores=np.arange(4.), masks=masks, maps=maps),
+                              b=dict(labels=lab, scores=np.arange(4.)[::-1].copy())))
+    assert t.loc['mean', 'n_classes'] == 2 and t.attrs['n_averaged']['aupro'] == 1 and t.attrs['n_averaged']['i_auroc'] == 2
+    assert t.loc['mean', 'i_auroc'] == pytest.approx((t.loc['a', 'i_auroc'] + t.loc['b', 'i_auroc']) / 2)
+    assert t.loc['mean', 'n_images'] == 8
