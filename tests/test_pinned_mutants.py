@@ -103,3 +103,89 @@ def test_mean_row_counts_the_classes_averaged():
     assert t.loc['mean', 'n_classes'] == 2 and t.attrs['n_averaged']['aupro'] == 1 and t.attrs['n_averaged']['i_auroc'] == 2
     assert t.loc['mean', 'i_auroc'] == pytest.approx((t.loc['a', 'i_auroc'] + t.loc['b', 'i_auroc']) / 2)
     assert t.loc['mean', 'n_images'] == 8
+
+
+def test_prior_standardises_by_the_heads_outputs():
+    """`MixedGaussianPrior` (VQ-Flow's prototype-conditioned prior): z_l -> (z_l - mu_l(p)) / sqrt(sigma_l(p)^2 + 1e-8) with
+    mu_l, sigma_l its two linear heads ([code] `sigma_mu_generator`); `log_prob` is that Gaussian's exact log-density.
+    Kills: `sigma^2 + eps` -> `sigma^2 ** eps` in `params` (every scale then ~1)."""
+    from torch.distributions import Normal
+    from vqflow_nb.prior import MixedGaussianPrior
+    torch.manual_seed(0)
+    prior = MixedGaussianPrior(5, [3, 2]).double()
+    p = torch.randn(2, 5, dtype=torch.float64)
+    zs = [torch.randn(2, 3, 2, 2, dtype=torch.float64), torch.randn(2, 2, 1, 3, dtype=torch.float64)]
+    out, ld = prior(zs, p)
+    lp = 0
+    for z, o, mu_h, sg_h in zip(zs, out, prior.mu, prior.sigma):
+        mu = (p @ mu_h.weight.T + mu_h.bias)[..., None, None]
+        s = ((p @ sg_h.weight.T + sg_h.bias) ** 2 + 1e-8).sqrt()[..., None, None]
+        torch.testing.assert_close(o, (z - mu) / s, rtol=1e-12, atol=1e-12)
+        lp = lp + Normal(mu, s).log_prob(z).flatten(1).sum(1)
+    assert torch.equal(ld, torch.zeros(2))                     # the released code's variant: no log-det
+    torch.testing.assert_close(prior.log_prob(zs, p), lp, rtol=1e-12, atol=1e-10)
+
+
+def test_cspc_residual_pattern_is_anchor_plus_quantised_residual():
+    """`CSPC` in 'residual' mode (the README's `--quantize-type residual`): the pattern is the anchor [PE, p] plus the code
+    nearest to h - anchor, and the condition is [pattern, p]. Kills: `anchor + q` -> `anchor * q`."""
+    from vqflow_nb.codebooks import CSPC
+    from vqflow_nb.flows import positional_encoding_2d
+    torch.manual_seed(0)
+    m = CSPC(6, 10, proto_dim=4, pe_dim=4, num_codes=5).eval()
+    feat, sem, proto = torch.randn(2, 6, 4, 4), torch.randn(2, 10, 2, 2), torch.randn(2, 4)
+    with torch.no_grad(): out = m(feat, sem, proto); h = m._local(feat, sem)
+    anchor = torch.cat([positional_encoding_2d(4, 4, 4).expand(2, -1, -1, -1), proto[:, :, None, None].expand(-1, -1, 4, 4)], 1)
+    r = (h - anchor).permute(0, 2, 3, 1)                                           # (B, H, W, code_dim)
+    idx = ((r[..., None, :] - m.codebook.codes) ** 2).sum(-1).argmin(-1)
+    assert torch.equal(out['index'], idx)
+    want = anchor + m.codebook.codes[idx].permute(0, 3, 1, 2)
+    torch.testing.assert_close(out['pattern'], want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out['cond'], torch.cat([want, proto[:, :, None, None].expand(-1, -1, 4, 4)], 1), rtol=1e-6, atol=1e-6)
+
+
+def test_hvq_maps_pool_window_on_a_non_square_grid():
+    """`hvq_maps`: the image score is the max of the map mean-pooled over a window of `pool` / `upsample` tokens, measured
+    along the token grid's height, at any grid shape. Kills: `err.shape[-2]` -> `err.shape[+2]` (the width)."""
+    import torch.nn.functional as F
+    from vqflow_nb.hvqtrans import hvq_maps
+    err = torch.rand(2, 2, 4, generator=torch.Generator().manual_seed(0))
+    s = hvq_maps(err, (32, 64), pool=16, upsample=16)                          # one token = 16 x 16 px: window 16 px
+    pix = F.interpolate(err[:, None], size=(32, 64), mode='bilinear', align_corners=True)
+    torch.testing.assert_close(s.pixel, pix[:, 0])
+    torch.testing.assert_close(s.image, F.avg_pool2d(pix, 16, stride=1).flatten(1).amax(1))
+
+
+def _approx_aupro_reference(masks, maps, steps, limit=0.3):
+    "The papers' thresholded AU-PRO written out: binarise map > t on an equal grid, PRO = mean region overlap, FPR < limit."
+    from scipy import ndimage
+    lo, hi = float(maps.min()), float(maps.max())   # python floats: a float64 grid, as the authors' np.arange
+    regions = [(i, lab == r) for i, mk in enumerate(masks)
+               for lab, k in [ndimage.label(mk, structure=np.ones((3, 3)))] for r in range(1, k + 1)]
+    normal = ~masks.astype(bool)
+    fprs, pros = [], []
+    for t in np.arange(lo, hi, (hi - lo) / steps):
+        b = maps > t
+        fprs.append((b & normal).sum() / normal.sum()); pros.append(np.mean([b[i][r].mean() for i, r in regions]))
+    f, p = np.array(fprs), np.array(pros)
+    keep = f < limit
+    f, p = f[keep], p[keep]
+    f = (f - f.min()) / (f.max() - f.min())
+    return float(-np.trapezoid(p, f))   # in threshold order (FPR non-increasing): tied FPRs keep their neighbours
+
+
+@pytest.mark.parametrize('steps', [40, 200])
+def test_approx_aupro_on_the_trainer_path(steps):
+    """`metric_table(..., aupro_variant='approx')` (VQ-Flow's and ADer's evaluation) against the thresholded definition.
+    Kills: the PRO of a threshold as overlap x region size (`above / size` -> `above * size`)."""
+    from vqflow_nb.metrics import aupro
+    from vqflow_nb.train import metric_table
+    g = np.random.default_rng(5)
+    masks = np.zeros((3, 16, 16), np.uint8); masks[0, 2:7, 3:9] = 1; masks[1, 9:13, 1:4] = 1; masks[1, 1:3, 10:15] = 1
+    maps = (g.normal(0, 1, (3, 16, 16)) + 1.5 * masks).astype(np.float32)
+    want = _approx_aupro_reference(masks, maps, steps)
+    assert aupro(masks, maps, variant='approx', steps=steps) == pytest.approx(want, abs=1e-9)
+    if steps != 40: return   # the trainer's path, at its default 800 thresholds (VQ-Flow's max_step)
+    per = {0: dict(labels=np.array([1, 1, 0]), scores=np.arange(3.), masks=masks, maps=maps, pro_maps=None, has_mask=True)}
+    assert metric_table(per, ['c'], aupro_variant='approx').loc['c', 'aupro'] == pytest.approx(
+        _approx_aupro_reference(masks, maps, 800), abs=1e-9)
