@@ -189,3 +189,76 @@ def test_approx_aupro_on_the_trainer_path(steps):
     per = {0: dict(labels=np.array([1, 1, 0]), scores=np.arange(3.), masks=masks, maps=maps, pro_maps=None, has_mask=True)}
     assert metric_table(per, ['c'], aupro_variant='approx').loc['c', 'aupro'] == pytest.approx(
         _approx_aupro_reference(masks, maps, 800), abs=1e-9)
+
+
+def test_approx_aupro_rescales_from_the_smallest_kept_fpr():
+    """The papers' min-max rescaling of the kept FPRs matters when no threshold reaches FPR 0 (a normal pixel holds the
+    top score), and a curve whose kept FPRs are all equal gives 0, not NaN. Kills: `f - f.min()` -> `f + f.min()`,
+    `f.max() > f.min()` -> `>=` in `_approx_from_curve`."""
+    from vqflow_nb.metrics import aupro
+    g = np.random.default_rng(6)
+    masks = np.zeros((2, 12, 12), np.uint8); masks[0, 2:6, 2:7] = 1; masks[1, 6:10, 5:9] = 1
+    maps = (g.normal(0, 1, (2, 12, 12)) + 1.5 * masks).astype(np.float32)
+    maps[0, 11, 11] = maps.max() + 3                                   # a normal pixel on top: min kept FPR > 0
+    want = _approx_aupro_reference(masks, maps, 50)
+    assert aupro(masks, maps, variant='approx', steps=50) == pytest.approx(want, abs=1e-9)
+    flat = np.zeros((1, 10, 10), np.float32); mk = np.zeros((1, 10, 10), np.uint8); mk[0, :3, :3] = 1
+    flat[0][mk[0] == 0] = np.where(np.arange(91) < 40, 1.0, 0.0)      # 40 of 91 normal pixels tie at 1: FPR 0.44 or 0
+    flat[0][mk[0] == 1] = np.linspace(2, 3, 9)
+    assert aupro(mk, flat, variant='approx', steps=20) == 0.0
+
+
+@pytest.mark.parametrize('variant', ['exact', 'approx'])
+def test_aupro_without_a_normal_pixel_is_an_error(variant):
+    "AU-PRO's FPR is undefined when every pixel is anomalous: a ValueError, never a NaN. Kills: `n_ok == 0` -> `n_ok < 0`."
+    from vqflow_nb.metrics import aupro
+    with pytest.raises(ValueError, match='no normal pixel'):
+        aupro(np.ones((1, 4, 4), np.uint8), np.random.default_rng(0).random((1, 4, 4)), variant=variant, steps=10)
+
+
+def test_exact_pro_curve_runs_from_origin_to_one_one():
+    "`pro_curve_exact` returns the whole curve, (0, 0) first and (1, 1) last. Kills: the end point moved to FPR 2."
+    from vqflow_nb.metrics import pro_curve_exact
+    masks = np.zeros((2, 6, 6), np.uint8); masks[0, 1:3, 1:4] = 1
+    fpr, pro = pro_curve_exact(masks, np.random.default_rng(0).random((2, 6, 6)))
+    assert (fpr[0], pro[0], fpr[-1], pro[-1]) == (0., 0., 1., 1.)
+    assert (np.diff(fpr) >= 0).all() and (np.diff(pro) >= 0).all() and fpr.max() <= 1 and pro.max() <= 1
+
+
+def test_smooth_onehot_default_is_the_authors_0_02():
+    "`smooth_onehot(y, Y)`: (1 - 0.02) one-hot + 0.02 / Y ([code] utils.py:onehot). Kills: another default eps."
+    from vqflow_nb.hgad import smooth_onehot
+    got = smooth_onehot(torch.tensor([2, 0]), 4)
+    want = torch.full((2, 4), 0.02 / 4); want[0, 2] += 0.98; want[1, 0] += 0.98
+    torch.testing.assert_close(got, want)
+
+
+def test_hgad_loss_sums_levels_and_logs_their_mean():
+    """`HGAD.loss` (the one-graph path): the loss is the sum of the levels' losses, each logged term their mean over
+    levels. Kills: `/ len(per)` -> `- len(per)` for the logged terms."""
+    from vqflow_nb.hgad import HGAD, HGADConfig, hgad_losses
+    torch.manual_seed(0)
+    m = HGAD(HGADConfig.small([8, 8], 3, depth=1, pos_dim=8, n_centers=2, seed=0))
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 8, 3, 3, generator=g), torch.randn(2, 8, 2, 2, generator=g)]
+    cls = torch.tensor([0, 2])
+    got = m.loss(feats, dict(cls_index=cls))
+    per = []
+    for l, x in enumerate(feats):
+        z, ld = m.level(l, x)
+        per.append(hgad_losses(m.priors[l], z, ld, cls.repeat_interleave(x.shape[2] * x.shape[3]), m.stage2()))
+    torch.testing.assert_close(got['loss'], per[0]['loss'] + per[1]['loss'])
+    for k in ('L_g', 'L_e', 'L_mi'): torch.testing.assert_close(got[k], (per[0][k] + per[1][k]) / 2)
+
+
+def test_hvqtrans_loss_is_mse_plus_weighted_commitment():
+    """`HVQTrans.loss` = MSE(rec, target) + 0.25 x the summed commitments ([code] `latent_loss_weight = 0.25`), per-level
+    commitments logged. Kills: `mse + w * commit` -> `mse * w * commit`."""
+    from vqflow_nb.hvqtrans import HVQTrans, HVQTransConfig, LEVELS
+    torch.manual_seed(0)
+    m = HVQTrans(HVQTransConfig.small('cached', channels=12, feature_size=(2, 2), n_classes=2, n_codes=8, embed_dim=8,
+                                      heads=2, ffn=16)).train()
+    parts = m.loss([torch.randn(2, 12, 2, 2)], dict(cls_index=torch.tensor([0, 1])))
+    assert parts['mse'] > 0 and parts['commit'] > 0
+    torch.testing.assert_close(parts['loss'].detach(), parts['mse'] + 0.25 * parts['commit'])
+    torch.testing.assert_close(parts['commit'], sum(parts[f'commit_{l}'] for l in LEVELS))
