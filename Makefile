@@ -43,3 +43,8 @@ check-clean: $(STAMP)
 	$(BIN)/nbdev_clean && $(BIN)/nbdev_export
 	@git diff --quiet -- nbs vqflow_nb README.md || { git status --short -- nbs vqflow_nb README.md; echo "nbdev_clean/nbdev_export changed tracked files: run 'make export clean-nbs' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain --untracked-files=all -- vqflow_nb)" || { git status --short -- vqflow_nb; echo "nbdev_export created untracked files in vqflow_nb/"; exit 1; }
+
+# mutation testing of the maths modules with cosmic-ray (not in CI: ~40 min on 2 cores); writes results/benchmarks/mutation.md
+.PHONY: mutation
+mutation: $(STAMP)
+	nice -n 10 $(BIN)/python benchmarks/mutation.py
