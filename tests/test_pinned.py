@@ -17,7 +17,7 @@ from torch import nn
 from vqflow_nb.flows import FusionCoupling
 from vqflow_nb.hgad import HGAD, HGADConfig
 from vqflow_nb.hvqtrans import LEVELS, HVQTrans, HVQTransConfig, pot_score
-from vqflow_nb.method import Schedule, Scores
+from vqflow_nb.method import Method, Schedule, Scores
 from vqflow_nb.metrics import class_metrics, f1_max, image_metrics, pixel_metrics
 from vqflow_nb.train import fit, metric_table
 from vqflow_nb.vqflow import VQFlow, VQFlowConfig
@@ -346,7 +346,7 @@ def test_pixel_metrics_against_brute_force():
 
 
 # ------------------------------------------------------------------------------------------------ fit: best epoch, lr curve
-class _Scripted(nn.Module):
+class _Scripted(Method):
     "A method whose test-set quality is scripted per epoch: plan[e] = (image scores right?, pixel maps right?)."
     needs_labels = False
 
