@@ -5,7 +5,7 @@ Cases (cached features, the trainer's step: loss, backward, clip 2.0, fused Adam
 - vqflow_authors: the authors' VQFlowConfig at convnextv2_base widths, 384 px, batch 4: `quant_conv` 'cpu' (the
   condition convolved from its codes), 'none' with `broadcast_cond` (prototype broadcast only), 'none' (dense);
 - vqflow_small: `VQFlowConfig.small` on tf_efficientnet_lite0's widths at 256 px, batch 8: 'cpu' vs 'none';
-- hgad_authors: HGAD's three level flows at the authors' configuration (see `hgad` below): `pos_broadcast` on vs off.
+- hgad_authors: HGAD at the authors' configuration (see `_hgad_case`): `pos_broadcast` on vs off.
 Random features (only the shapes matter for time). Ratios are dense / fast: > 1 means the fast path is faster.
 Usage: python benchmarks/bench_fast_paths.py [case ...] [--pairs N] [--threads T]; writes results/benchmarks/fast_paths.{json,md}.
 """
@@ -44,11 +44,28 @@ def _vqflow_case(authors:bool):
     return sides, 'dense', dict(channels=chans, batch=bs, maps=sizes, config='authors' if authors else 'small')
 
 def _hgad_case():
+    """HGAD at the authors' configuration (200-channel maps of 64/32/16 positions a side, 12 blocks, 256-d condition, 15 classes, batch 8):
+    the training step of the middle level (stage 2, forward + backward; the three levels' steps have the same structure) and
+    `score` of one image (three levels); `pos_broadcast` on vs off."""
     import torch
-    from vqflow_nb import hgad as H
-    return H._bench_sides() if hasattr(H, '_bench_sides') else None
+    from vqflow_nb.hgad import HGAD, HGADConfig
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(8, 200, s, s, generator=g) for s in (64, 32, 16)]
+    cls = torch.arange(8) % 15
+    base = HGADConfig.for_channels((200, 200, 200), 15, seed=0)
+    torch.manual_seed(0); m = HGAD(base)
+    sides = {}
+    for name, pb in (('broadcast', True), ('dense', False)):
+        cfg = replace(base, pos_broadcast=pb)
+        def step(cfg=cfg):
+            m.cfg = cfg; m.train(); m.zero_grad(); m._level_loss(1, feats[1], cls, True)['loss'].backward()
+        def infer(cfg=cfg):
+            m.cfg = cfg; m.eval()
+            with torch.no_grad(): m.score([f[:1] for f in feats], dict(cls_index=cls[:1]))
+        sides[name] = dict(train_step=step, inference=infer)
+    return sides, 'dense', dict(channels=[200] * 3, batch=8, maps=[64, 32, 16], config='authors, level 2 step')
 
-CASES = dict(vqflow_authors=lambda: _vqflow_case(True), vqflow_small=lambda: _vqflow_case(False))
+CASES = dict(vqflow_authors=lambda: _vqflow_case(True), vqflow_small=lambda: _vqflow_case(False), hgad_authors=_hgad_case)
 
 def run(name, pairs, warmup=1):
     sides, ref, info = CASES[name]()
