@@ -27,6 +27,7 @@ def _vqflow_case(authors:bool):
     base = (VQFlowConfig.for_channels if authors else VQFlowConfig.small)(chans, seed=0)
     variants = dict(quant=dict(quant_conv='cpu'), dense=dict(quant_conv='none'))
     if authors: variants['bcond'] = dict(quant_conv='none', broadcast_cond=True)
+    if ONLY: variants = {k: v for k, v in variants.items() if k in ONLY}
     # one model and one optimiser for every variant (only the config differs; weights do not change the time):
     # a copy per variant would hold 3 x 5 GB of weights, gradients and Adam state at the authors' size
     torch.manual_seed(0); m = VQFlow(base)
@@ -65,12 +66,14 @@ def _hgad_case():
         sides[name] = dict(train_step=step, inference=infer)
     return sides, 'dense', dict(channels=[200] * 3, batch=8, maps=[64, 32, 16], config='authors, level 2 step')
 
+ONLY = None   # --variants: a subset of each case's variants (the reference is always kept)
+
 CASES = dict(vqflow_authors=lambda: _vqflow_case(True), vqflow_small=lambda: _vqflow_case(False), hgad_authors=_hgad_case)
 
-def run(name, pairs, warmup=1):
+def run(name, pairs, warmup=1, inference=True):
     sides, ref, info = CASES[name]()
     out = dict(case=name, info=info, reference=ref)
-    for what in ('train_step', 'inference'):
+    for what in ('train_step', 'inference') if inference else ('train_step',):
         fns = {k: v[what] for k, v in sides.items()}
         for _ in range(warmup):
             for f in fns.values(): f()
@@ -88,13 +91,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('cases', nargs='*', default=list(CASES))
     ap.add_argument('--pairs', type=int, default=5)
+    ap.add_argument('--warmup', type=int, default=1)
+    ap.add_argument('--no-inference', action='store_true')
     ap.add_argument('--threads', type=int, default=int(os.environ.get('VQFLOW_THREADS', 1)))
+    ap.add_argument('--variants', default=None, help='comma-separated subset of the variants (e.g. quant,dense)')
     ap.add_argument('--out', default=str(ROOT / 'results' / 'benchmarks' / 'fast_paths'))
     args = ap.parse_args()
     import torch
     torch.set_num_threads(args.threads)
+    global ONLY
+    ONLY = set(args.variants.split(',')) | {'dense'} if args.variants else None
     res = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__, threads=args.threads,
-                            load_avg_start=os.getloadavg()), cases=[run(c, args.pairs) for c in args.cases],
+                            load_avg_start=os.getloadavg()), cases=[run(c, args.pairs, args.warmup, not args.no_inference) for c in args.cases],
                command='python ' + ' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]))
     res['machine']['load_avg_end'] = os.getloadavg()
     Path(args.out + '.json').write_text(json.dumps(res, indent=1))
@@ -105,7 +113,7 @@ def main():
          '| case | what | variant | pairs | median ratio | min | max | median s |', '|---|---|---|---|---|---|---|---|']
     for c in res['cases']:
         for what in ('train_step', 'inference'):
-            for k, d in c[what].items():
+            for k, d in c.get(what, {}).items():
                 L.append(f"| {c['case']} ({c['info']['config']}, batch {c['info']['batch']}) | {what} | {k} | {len(d['seconds'])} | "
                          f"{d['ratio_median']:.2f}× | {d['ratio_min']:.2f}× | {d['ratio_max']:.2f}× | {d['median_s']:.3f} |")
     L += ['', f"Command: `{res['command']}`", '']
