@@ -87,8 +87,6 @@ def subnet_fc(c_in:int, # input features (passive half + condition)
 # %% ../nbs/04_flows.ipynb #32aed281
 class FCSubnet(nn.Sequential):
     "HGAD's Linear-ReLU-Linear subnet (an `nn.Sequential`: freia's state-dict keys); accepts a `PosCond` (see below)."
-    broadcast = True
-
     def forward(self, x:Tensor, # (N,C) passive half, or passive half and condition
                 pos:PosCond|None=None, # the condition as one row per position, shared by every image (not repeated)
                ) -> Tensor:
