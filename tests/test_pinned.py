@@ -157,10 +157,11 @@ def test_hgad_class_maps_equal_independent_reference(size):
 
 def test_hgad_score_parts_are_the_intra_class_likelihood_per_dim():
     """`HGAD.score`'s parts: logp = log p(z | y) / D under the image class's intra-class mixture (+ log-det / D), negent =
-    sum p log p of the inter-class posterior, from the level flows. Catches: the class read from another image, a sign."""
+    sum p log p of the inter-class posterior, from the level flows, at any map shape. Catches: the class read from another
+    image or repeated over w*w positions, the entropy's sign."""
     m = _hgad().eval()
     g = torch.Generator().manual_seed(3)
-    feats = [torch.randn(3, 8, 4, 4, generator=g), torch.randn(3, 8, 2, 2, generator=g)]
+    feats = [torch.randn(3, 8, 4, 3, generator=g), torch.randn(3, 8, 2, 1, generator=g)]   # non-square maps
     cls = torch.tensor([0, 2, 1])
     s = m.score(feats, dict(cls_index=cls), out_size=(16, 16))
     for l, x in enumerate(feats):

@@ -128,13 +128,16 @@ def test_prior_standardises_by_the_heads_outputs():
 
 def test_cspc_residual_pattern_is_anchor_plus_quantised_residual():
     """`CSPC` in 'residual' mode (the README's `--quantize-type residual`): the pattern is the anchor [PE, p] plus the code
-    nearest to h - anchor, and the condition is [pattern, p]. Kills: `anchor + q` -> `anchor * q`."""
+    nearest to h - anchor, and the condition is [pattern, p]. Kills: `anchor + q` -> `anchor * q`; the semantic map
+    upsampled with align_corners=True (the authors' `nn.Upsample` uses False)."""
     from vqflow_nb.codebooks import CSPC
     from vqflow_nb.flows import positional_encoding_2d
     torch.manual_seed(0)
     m = CSPC(6, 10, proto_dim=4, pe_dim=4, num_codes=5).eval()
     feat, sem, proto = torch.randn(2, 6, 4, 4), torch.randn(2, 10, 2, 2), torch.randn(2, 4)
-    with torch.no_grad(): out = m(feat, sem, proto); h = m._local(feat, sem)
+    with torch.no_grad():
+        out = m(feat, sem, proto)   # h = MLP(feat) + conv1x1(Upsample x2 of sem), the authors' nn.Upsample (align_corners=False)
+        h = m.feature_mlp(feat) + m.upsampler(nn.Upsample(scale_factor=2, mode='bilinear')(sem))
     anchor = torch.cat([positional_encoding_2d(4, 4, 4).expand(2, -1, -1, -1), proto[:, :, None, None].expand(-1, -1, 4, 4)], 1)
     r = (h - anchor).permute(0, 2, 3, 1)                                           # (B, H, W, code_dim)
     idx = ((r[..., None, :] - m.codebook.codes) ** 2).sum(-1).argmin(-1)
@@ -262,3 +265,139 @@ def test_hvqtrans_loss_is_mse_plus_weighted_commitment():
     assert parts['mse'] > 0 and parts['commit'] > 0
     torch.testing.assert_close(parts['loss'].detach(), parts['mse'] + 0.25 * parts['commit'])
     torch.testing.assert_close(parts['commit'], sum(parts[f'commit_{l}'] for l in LEVELS))
+
+
+def test_cspc_without_codebook_naive_pattern_keeps_the_pe():
+    """`CSPC(quantize='naive', quantise=False)` (an ablation): the pattern is the codebook's would-be input [h, PE].
+    Kills: `quantize == 'residual'` -> `<=` (the naive pattern then lost its PE)."""
+    from vqflow_nb.codebooks import CSPC
+    from vqflow_nb.flows import positional_encoding_2d
+    torch.manual_seed(0)
+    m = CSPC(6, None, proto_dim=4, pe_dim=4, quantize='naive', quantise=False).eval()
+    feat, proto = torch.randn(2, 6, 3, 3), torch.randn(2, 4)
+    with torch.no_grad(): out = m(feat, None, proto); h = m.feature_mlp(feat)
+    torch.testing.assert_close(out['pattern'], torch.cat([h, positional_encoding_2d(4, 3, 3).expand(2, -1, -1, -1)], 1))
+
+
+def test_hierarchical_codebooks_refuse_a_missing_map():
+    "`HierarchicalCodebooks` needs one map per flow scale plus the top map. Kills: `!=` -> `>` (too few maps accepted)."
+    from vqflow_nb.codebooks import HierarchicalCodebooks
+    hc = HierarchicalCodebooks([4, 6, 8], proto_dim=4, num_cpc=2, pe_dim=4, num_cspc=3).eval()
+    with pytest.raises(ValueError, match='expected 3'): hc([torch.randn(2, 4, 4, 4), torch.randn(2, 8, 1, 1)])
+
+
+def test_positional_encoding_of_a_single_row_or_column():
+    "A 1 x W (or H x 1) map has a positional encoding; only an empty side is an error. Kills: `height < 1` -> `height < 2`."
+    from vqflow_nb.flows import positional_encoding_2d
+    pe = positional_encoding_2d(8, 1, 3)
+    assert pe.shape == (8, 1, 3) and torch.equal(pe[4::2], torch.zeros(2, 1, 3)) and torch.equal(pe[5::2], torch.ones(2, 1, 3))
+    assert positional_encoding_2d(8, 3, 1).shape == (8, 3, 1)
+    for h, w in ((0, 3), (3, 0)):
+        with pytest.raises(ValueError, match='>= 1'): positional_encoding_2d(8, h, w)
+
+
+def test_conv_broadcast_names_the_channel_mismatch():
+    "The error names the conv's input channels. Kills: `w.shape[1]` -> `w.shape[2]` (the kernel height) in the message."
+    from vqflow_nb.flows import conv_broadcast
+    with pytest.raises(ValueError, match=r"3 map \+ 3 vector channels != the conv's 5 inputs"):
+        conv_broadcast(nn.Conv2d(5, 4, 3, padding=1), torch.randn(1, 3, 4, 4), torch.randn(1, 3))
+
+
+@pytest.mark.parametrize('alpha', [0.5, 1.0])
+def test_fusion_soft_clamp_below_one(alpha):
+    "The atan clamp applies for any alpha > 0, also alpha <= 1. Kills: `if self.clamp > 0` -> `> 1`."
+    from test_pinned import _fusion_with_constant_log_scale
+    fc = _fusion_with_constant_log_scale(5.0, clamp=alpha)
+    xs = [torch.randn(1, 4, 4, 4, dtype=torch.float64), torch.randn(1, 6, 2, 2, dtype=torch.float64)]
+    _, ld = fc(xs)
+    assert ld.item() == pytest.approx(0.636 * alpha * math.atan(5.0 / alpha) * sum(x.numel() for x in xs), rel=1e-12)
+
+
+def test_fusion_outputs_clipped_at_one_million():
+    "The fusion coupling clips its outputs to +-1e6 ([code] `FusionCouplingLayer.forward`). Kills: either bound moved."
+    from test_pinned import _fusion_with_constant_log_scale
+    fc = _fusion_with_constant_log_scale(0.0)                       # log-scale 0, shift 0: the outputs are the inputs
+    xs = [torch.full((1, 4, 2, 2), 3e6, dtype=torch.float64), torch.full((1, 6, 1, 1), -3e6, dtype=torch.float64)]
+    xs[0][0, 0, 0, 0] = 5.0
+    zs, _ = fc(xs)
+    assert zs[0].max() == 1e6 and zs[1].min() == -1e6 and (zs[0] == 5.0).sum() == 1
+
+
+def test_hgad_label_free_class_is_the_argmax_of_the_summed_level_posteriors():
+    """HGAD 'label_free' (ours): the test class is the argmax over classes of the inter-class posterior averaged over
+    positions and summed over levels. Kills: the sum over levels -> a product."""
+    from vqflow_nb.hgad import HGAD, HGADConfig
+    torch.manual_seed(0)
+    m = HGAD(HGADConfig.small([8, 8], 3, depth=1, pos_dim=8, n_centers=2, seed=0, variant='label_free')).eval()
+    with torch.no_grad():   # equal centres: the posterior is the mixture weights, whatever z
+        for pr, pi in zip(m.priors, ([0.9, 0.1, 1e-9], [0.05, 0.5, 0.45])):
+            pr.mu.zero_(); pr.phi_inter.copy_(torch.tensor(pi).log())
+    feats = [torch.randn(2, 8, 3, 3), torch.randn(2, 8, 2, 2)]
+    s = m.score(feats, None, out_size=(8, 8))
+    assert s.parts['cls_used'].tolist() == [0, 0]                   # sum [0.95, 0.6, 0.45]; a product would pick 1
+
+
+def test_hvq_maps_window_never_below_one_pixel():
+    "`hvq_maps` pools over at least one pixel when the map is smaller than a token. Kills: `max(1, ...)` -> `max(0, ...)`."
+    from vqflow_nb.hvqtrans import hvq_maps
+    err = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0))
+    s = hvq_maps(err, (4, 4), pool=1, upsample=16)                  # round(1 * 4 / 64) = 0 -> window 1
+    torch.testing.assert_close(s.image, s.pixel.flatten(1).amax(1))
+
+
+def test_hvqtrans_label_free_routes_on_the_top_encoder_output():
+    """`HVQTrans.score` with the label-free router scores each image as the labelled model would with the class that
+    `route` picks from the top encoder output e4. Kills: routing on e3."""
+    from vqflow_nb.hvqtrans import HVQTrans, HVQTransConfig
+    from dataclasses import replace
+    torch.manual_seed(0)
+    cfg = HVQTransConfig.small('cached+label_free', channels=12, feature_size=(2, 2), n_classes=3, n_codes=4, embed_dim=8,
+                               heads=2, ffn=16)
+    m = HVQTrans(cfg).eval()
+    feats = [torch.randn(6, 12, 2, 2, generator=torch.Generator().manual_seed(3))]
+    with torch.no_grad():
+        es = m(feats, torch.zeros(6, dtype=torch.long))['es']
+        m.codebooks.book(0, 'top').embed.copy_(es[4][0].T)          # class 0's top codes: image 0's e4 tokens
+        m.codebooks.book(1, 'top').embed.copy_(es[3][0].T)          # class 1's: image 0's e3 tokens
+    c4 = m.route(es[4])
+    assert not torch.equal(c4, m.route(es[3]))                      # the data tells the two levels apart
+    s = m.score(feats, None, out_size=(2, 2))
+    lab = HVQTrans(replace(cfg, router='label')).eval(); lab.load_state_dict(m.state_dict())
+    torch.testing.assert_close(s.pixel, lab.score(feats, dict(cls_index=c4), out_size=(2, 2)).pixel)
+
+
+def test_pixel_metrics_refuse_pro_maps_of_another_shape():
+    "`pixel_metrics(pro_maps=...)` of another shape is an error naming pro_maps. Kills: `!=` -> `<` in the shape check."
+    masks = np.zeros((2, 6, 6), np.uint8); masks[0, 1:3, 1:3] = 1
+    maps = np.random.default_rng(0).random((2, 6, 6))
+    for shape in ((2, 8, 8), (2, 4, 4)):
+        with pytest.raises(ValueError, match='pro_maps: shape'): pixel_metrics_(masks, maps, np.zeros(shape))
+
+
+def pixel_metrics_(masks, maps, pro):
+    from vqflow_nb.metrics import pixel_metrics
+    return pixel_metrics(masks, maps, pro_maps=pro)
+
+
+def test_cosine_schedule_when_the_warmup_fills_the_run():
+    """`Schedule(cosine=True)` with the warm-up as long as the run (which `fit` warns about) still gives the warm-up factors,
+    never a division by zero. Kills: `max(epochs - warmup, 1)` -> `max(..., 0)`."""
+    sch = Schedule(epochs=3, warmup_epochs=3, warmup_start=0.1, cosine=True, cosine_min=0.01)
+    assert [sch.lr_factor(e) for e in range(3)] == pytest.approx([0.1, 0.4, 0.7])
+
+
+def test_degenerate_warning_points_at_the_callers_fit_line():
+    """A degenerate evaluation warns with `DegenerateWarning` attributed to the line that called `fit` (stacklevel 3).
+    Kills: another stacklevel."""
+    import warnings
+    from vqflow_nb.method import Scores
+    from vqflow_nb.train import DegenerateWarning
+
+    class Flat(_Scripted):
+        def score(self, feats, batch, out_size=None):
+            return Scores(image=torch.zeros(len(batch['label'])), pixel=torch.zeros(len(batch['label']), 8, 8))
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        fit(Flat([(True, True)]), _Store(), _Store(), progress=False, seed=0)
+    deg = [w for w in ws if issubclass(w.category, DegenerateWarning)]
+    assert deg and all(w.filename == __file__ for w in deg)
