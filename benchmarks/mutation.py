@@ -216,17 +216,18 @@ def build_session(db_path:Path, root:Path, n:int, seed:int) -> dict:
             total += 1
             in_ann = any(a <= tuple(mut.start_pos) < b for a, b in anns[mod])
             if fn is None or in_ann or not _plausible(mut.operator_name): skip.append(item.job_id)
-            else: by_fn[mod, fn].append(item.job_id)
+            else: by_fn[mod, fn].append((tuple(mut.start_pos), mut.operator_name, mut.occurrence, item.job_id))
         in_scope = sum(len(v) for v in by_fn.values())
         rng, keep = random.Random(seed), set()
         frac = min(1.0, n / max(in_scope, 1))
-        for k in sorted(by_fn):   # stratified: each function gets its share (at least 1)
-            ids = sorted(by_fn[k])
+        for k in sorted(by_fn):   # stratified: each function gets its share (at least 1); source order, so a seed is a sample
+            ids = [j for *_, j in sorted(by_fn[k])]
             keep.update(rng.sample(ids, min(len(ids), max(1, round(frac * len(ids))))))
+        by_fn = {k: [j for *_, j in v] for k, v in by_fn.items()}
         skip += [j for ids in by_fn.values() for j in ids if j not in keep]
         db.set_multiple_results(skip, WorkResult(worker_outcome=WorkerOutcome.SKIPPED))
         fn_of = {j: f'{m}.{f}' for (m, f), ids in by_fn.items() for j in ids}
-    meta = dict(total=total, in_scope=in_scope, sampled=len(keep), seed=seed, fn_of={j: fn_of[j] for j in keep},
+    meta = dict(total=total, in_scope=in_scope, sampled=len(keep), seed=seed, sample_order='source', fn_of={j: fn_of[j] for j in keep},
                 per_fn_in_scope={f'{m}.{f}': len(v) for (m, f), v in sorted(by_fn.items())})
     (db_path.parent / 'session.json').write_text(json.dumps(meta, indent=1))
     return meta
@@ -243,7 +244,8 @@ def execute(db_path:Path, root:Path, minutes:float, server:Server):
         base[m] = r['seconds']; print(f'baseline {m}: {r["seconds"]:.1f} s', flush=True)
     t0, done = time.time(), 0
     with use_db(str(db_path), WorkDB.Mode.open) as db:
-        pending = list(db.pending_work_items)
+        key = lambda it: (str(it.mutations[0].module_path), tuple(it.mutations[0].start_pos), it.mutations[0].operator_name, it.mutations[0].occurrence)
+        pending = sorted(db.pending_work_items, key=key)
         random.Random(0).shuffle(pending)   # a budget cut leaves a uniform subsample, not the first modules only
         for item in pending:
             if time.time() - t0 > minutes * 60: print('time budget spent', flush=True); break
@@ -258,7 +260,111 @@ def execute(db_path:Path, root:Path, minutes:float, server:Server):
 
 # ----------------------------------------------------------------------------------------- survivors' dispositions
 # (module, mutated line as cosmic-ray writes it, stripped) -> why the mutant is equivalent, or which test now pins it
-DISPOSITIONS: dict = {}
+# (the survivors of the committed run, seed 0; a mutant not listed here shows as 'open' in the report)
+DISPOSITIONS: dict = {
+    ('codebooks', "h = h + self.upsampler(F.interpolate(sem, size=feat.shape[-2:], mode='bilinear', align_corners=True))"):
+        'test_pinned_mutants.py::test_cspc_residual_pattern_is_anchor_plus_quantised_residual',
+    ('codebooks', "pattern = h if self.quantize <= 'residual' else torch.cat([h, pe], 1)"):
+        'test_pinned_mutants.py::test_cspc_without_codebook_naive_pattern_keeps_the_pe',
+    ('codebooks', "pattern = anchor * rearrange(qr, 'b h w c -> b c h w')"):
+        'test_pinned_mutants.py::test_cspc_residual_pattern_is_anchor_plus_quantised_residual',
+    ('codebooks', 'if len(feats) > len(self.channels):'):
+        'test_pinned_mutants.py::test_hierarchical_codebooks_refuse_a_missing_map',
+    ('flows', 'if height < 2 or width < 1:'):
+        'test_pinned_mutants.py::test_positional_encoding_of_a_single_row_or_column',
+    ('flows', 'if conv.groups != 1 or conv.padding_mode != "zeros" and isinstance(conv.padding, str):'):
+        'test_pinned_mutants.py::test_conv_broadcast_refuses_what_it_cannot_compute',
+    ('flows', 'raise ValueError(f"conv_broadcast: {cm} map + {vec.shape[1]} vector channels != the conv\'s {w.shape[ 2]} inputs")'):
+        'test_pinned_mutants.py::test_conv_broadcast_names_the_channel_mismatch',
+    ('flows', 'if kind == "SIGMOID": return 2.0 / np.log(10.0 / init - 1.0)'):
+        'test_pinned_mutants.py::test_global_affine_starts_at_its_init',
+    ('flows', 'if kind == "SIGMOID": return 2.0 ** np.log(10.0 / init - 1.0)'):
+        'test_pinned_mutants.py::test_global_affine_starts_at_its_init',
+    ('flows', 'if kind == "SIGMOID": return 2.0 - np.log( 11.0 / init - 1.0)'):
+        'test_pinned_mutants.py::test_global_affine_starts_at_its_init',
+    ('flows', 'if kind == "SIGMOID": return 2.0 - np.log(10.0 / init - 2.0)'):
+        'test_pinned_mutants.py::test_global_affine_starts_at_its_init',
+    ('flows', 'if kind == "SOFTPLUS": return 2.0 * np.log(np.exp(0.5 * 10.0 ** init) - 1)'):
+        'test_pinned_mutants.py::test_global_affine_starts_at_its_init',
+    ('flows', 'if kind == "SOFTPLUS": return 2.0 * np.log(np.exp(0.5 * 11.0 * init) - 1)'):
+        'test_pinned_mutants.py::test_global_affine_starts_at_its_init',
+    ('flows', 'if self.global_affine_type != "SIGMOID": return 10 * torch.sigmoid(b - 2.0)'):
+        'test_pinned_mutants.py::test_global_affine_starts_at_its_init',
+    ('flows', 'a_s = a[:, :ch] if self.clamp_variant <= "freia0.2" else a[:, :ch] / self.clamp'):
+        "equivalent: `clamp_variant` is validated to 'freia0.2' or 'freia_head', and `<=` separates those two as `==` does",
+    ('flows', 'fs = [h + F.interpolate(a, size=h.shape[+2:], mode="bilinear", align_corners=True) for h, a in zip(hs, fs)]'):
+        'equivalent: the maps are 4-D (B, C, H, W), so shape[2:] is shape[-2:]',
+    ('flows', 'return self.clamp * 0.636 * torch.atan(s / self.clamp) if self.clamp > 1 else s'):
+        'test_pinned_mutants.py::test_fusion_soft_clamp_below_one',
+    ('flows', 'return [torch.clamp(y, -1e6, 1000001.0) for y in ys], log_det  # [code] `FusionCouplingLayer.forward` clips outputs to +-1e6'):
+        'test_pinned_mutants.py::test_fusion_outputs_clipped_at_one_million',
+    ('flows', 'return [torch.clamp(y, -1e6, 999999.0) for y in ys], log_det  # [code] `FusionCouplingLayer.forward` clips outputs to +-1e6'):
+        'test_pinned_mutants.py::test_fusion_outputs_clipped_at_one_million',
+    ('hgad', 'n_classes:int, eps:float= -0.98, dtype=torch.float32) -> Tensor: # (N, Y)'):
+        'test_pinned_mutants.py::test_smooth_onehot_default_is_the_authors_0_02',
+    ('hgad', 'D, log_pi = prior.dim, prior.phi_inter.log_softmax( -1)'):
+        'equivalent: `phi_inter` is 1-D, so dim -1 is dim 0',
+    ('hgad', "out = {k: sum(p[k] for p in per) - len(per) for k in per[0] if k != 'loss'}"):
+        'test_pinned_mutants.py::test_hgad_loss_sums_levels_and_logs_their_mean',
+    ('hgad', 'post = post * p.view(B, -1, pr.n_classes).mean(1)'):
+        'test_pinned_mutants.py::test_hgad_label_free_class_is_the_argmax_of_the_summed_level_posteriors',
+    ('hgad', 'out_size = default(out_size, lambda: tuple(16 * s for s in feats[0].shape[+2:]))'):
+        'equivalent: feature maps are 4-D (B, C, h, w), so shape[2:] is shape[-2:]',
+    ('hgad', 'y = cls.repeat_interleave(hw[ -1] * hw[1])'):
+        'test_pinned.py::test_hgad_score_parts_are_the_intra_class_likelihood_per_dim (now on non-square maps)',
+    ('hvqtrans', "world:int= 0, # 2 = emulate the authors' 2-GPU run (`ddp_quantise`); sequential training only"):
+        'equivalent: `world` is only ever compared with 2 (`world == 2`), so its default 1 and 0 behave alike',
+    ('hvqtrans', 'cos = F.normalize(f, dim=-1) @ F.normalize(codes, dim=+1).T             # zero vectors -> cos 0, as sklearn'):
+        'equivalent: the codes are 2-D (K, D), so dim 1 is dim -1',
+    ('hvqtrans', "loss = mse * self.cfg.commit_weight * out['commit']"):
+        'test_pinned_mutants.py::test_hvqtrans_loss_is_mse_plus_weighted_commitment',
+    ('hvqtrans', 'd = (e4.pow(2).sum(-1, keepdim=True) // 2 * e4 @ codes.T + codes.pow(2).sum(-1)).clamp_min(0)   # (B, L, K)'):
+        'test_pinned_mutants.py::test_label_free_router_picks_the_class_whose_top_codebook_fits_best',
+    ('hvqtrans', 'd = (e4.pow(2).sum(- 0, keepdim=True) - 2 * e4 @ codes.T + codes.pow(2).sum(-1)).clamp_min(0)   # (B, L, K)'):
+        'test_pinned_mutants.py::test_label_free_router_picks_the_class_whose_top_codebook_fits_best',
+    ('hvqtrans', 'd = (e4.pow(2).sum(-1, keepdim=True) - 1 * e4 @ codes.T + codes.pow(2).sum(-1)).clamp_min(0)   # (B, L, K)'):
+        'test_pinned_mutants.py::test_label_free_router_picks_the_class_whose_top_codebook_fits_best',
+    ('hvqtrans', 'k = max(1, round(pool * out_size[0] / (upsample * err.shape[+2])))'):
+        'test_pinned_mutants.py::test_hvq_maps_pool_window_on_a_non_square_grid',
+    ('hvqtrans', 'k = max( 0, round(pool * out_size[0] / (upsample * err.shape[-2])))'):
+        'test_pinned_mutants.py::test_hvq_maps_window_never_below_one_pixel',
+    ('hvqtrans', "cls = self.route(es[ 3]) if self.cfg.router == 'label_free' else batch['cls_index'].to(target.device).long()"):
+        'test_pinned_mutants.py::test_hvqtrans_label_free_routes_on_the_top_encoder_output',
+    ('method', 't = min(max(epoch - self.warmup_epochs, 0) / max(self.epochs - self.warmup_epochs, 0), 1.0)'):
+        'test_pinned_mutants.py::test_cosine_schedule_when_the_warmup_fills_the_run',
+    ('metrics', 'fpr, pro = np.minimum(fpr[last], 2.0), np.minimum(pro[last], 1.0)'):
+        'equivalent: fpr = (integer count <= n_ok) / n_ok never exceeds 1.0, so the clip at 1 or 2 is a no-op',
+    ('metrics', 'return np.concatenate(([0.], fpr, [ 2.0])), np.concatenate(([0.], pro, [1.]))'):
+        'test_pinned_mutants.py::test_exact_pro_curve_runs_from_origin_to_one_one',
+    ('metrics', 'normal = ids <= 0'):
+        'equivalent: region ids are >= 0, so `<= 0` is `== 0`',
+    ('metrics', 'f = (f + f.min()) / (f.max() - f.min()) if f.max() > f.min() else np.zeros_like(f)'):
+        'equivalent: it shifts the rescaled FPR axis by a constant, and the area under the curve does not change',
+    ('metrics', 'f = (f * f.min()) / (f.max() - f.min()) if f.max() > f.min() else np.zeros_like(f)'):
+        'test_pinned_mutants.py::test_approx_aupro_rescales_from_the_smallest_kept_fpr',
+    ('metrics', 'f = (f - f.min()) / (f.max() - f.min()) if f.max() >= f.min() else np.zeros_like(f)'):
+        'test_pinned_mutants.py::test_approx_aupro_rescales_from_the_smallest_kept_fpr',
+    ('metrics', 'if n_ok < 0: raise ValueError("masks: no normal pixel, the FPR of AU-PRO is undefined")'):
+        'test_pinned_mutants.py::test_aupro_without_a_normal_pixel_is_an_error',
+    ('metrics', 'pro = (above[1:] * hist[1:].sum(1, keepdims=True)).mean(0)'):
+        'test_pinned_mutants.py::test_approx_aupro_on_the_trainer_path',
+    ('metrics', 'if pro.shape < mp.shape: raise ValueError(f"pro_maps: shape {pro.shape} differs from maps {mp.shape}")'):
+        'test_pinned_mutants.py::test_pixel_metrics_refuse_pro_maps_of_another_shape',
+    ('metrics', 'if backend <= "sklearn":'):
+        "equivalent in results: 'fast' <= 'sklearn' sends the default backend down the scikit-learn path, which gives the same numbers (tests/test_metrics.py::test_pixel_fast_backend_equals_sklearn), ~20x slower; a speed regression belongs to benchmarks/bench_metrics.py",
+    ('metrics', 'mean["n_classes"] = float(max(counts.values())) if not counts else 0.0'):
+        'test_pinned_mutants.py::test_mean_row_counts_the_classes_averaged',
+    ('prior', 'return [(m(proto), torch.sqrt(s(proto).pow(2) - self.eps)) for m, s in zip(self.mu, self.sigma)]'):
+        'test_pinned_mutants.py::test_prior_standardises_by_the_heads_outputs',
+    ('prior', 'return [(m(proto), torch.sqrt(s(proto).pow(2) ** self.eps)) for m, s in zip(self.mu, self.sigma)]'):
+        'test_pinned_mutants.py::test_prior_standardises_by_the_heads_outputs',
+    ('train', 'DegenerateWarning, stacklevel= 4)'):
+        'test_pinned_mutants.py::test_degenerate_warning_points_at_the_callers_fit_line',
+    ('train', 'if progress: print(f"epoch {epoch%1}: " + \', \'.join(f\'{k}={t.loc["mean", k]:.3f}\' for k in METRICS'):
+        'test_pinned_mutants.py::test_fit_progress_names_the_evaluated_epoch',
+    ('vqflow', 'out_size = default(out_size, lambda: tuple(4 * s for s in feats[0].shape[+2:]))'):
+        'equivalent: feature maps are 4-D (B, C, h, w), so shape[2:] is shape[-2:]',
+}
 
 
 def _changed_line(diff:str) -> tuple:
@@ -295,7 +401,9 @@ def recheck(db_path:Path, root:Path, server:Server) -> int:
     with use_db(str(db_path), WorkDB.Mode.open) as db:
         if not first.exists(): first.write_text(json.dumps(_survivors(db), indent=1))   # the run's own survivors, kept for the report
         items = {it.job_id: it for it in db.work_items}
+        state = {it.job_id: r.test_outcome for it, r in db.completed_work_items}
         for sv in json.loads(first.read_text()):
+            if state.get(sv['job']) != 'survived': continue   # killed by an earlier re-run
             item = items[sv['job']]
             cmd = f"{sys.executable} {DRIVER} client --socket {server.sock} --module {sv['module']} --timeout 300"
             new = mutate_and_test(item.mutations, cmd, 330)
@@ -343,7 +451,9 @@ def report(db_path:Path, info:dict|None=None, hand_results:list|None=None) -> st
          'test fails, errors or times out (cosmic-ray\'s rule). The score is killed / (killed + survived).', '',
          f'Sample: {meta["sampled"]} of {meta["in_scope"]} in-scope mutants (seed {meta["seed"]}; {meta["total"]} mutants in '
          'the nine modules before scoping)' + (f'; {pending} not run when the time budget ran out (the run order is '
-         'shuffled, so the ones run are a uniform subsample)' if pending else '') + '.', '']
+         'shuffled, so the ones run are a uniform subsample)' if pending else '') + '.' +
+         ('' if meta.get('sample_order') == 'source' else ' (This session drew its sample in the order of cosmic-ray\'s '
+          'random job ids: a re-run with the same seed draws a sample of the same size and strata, not the same mutants.)'), '']
     if info: L += [f'Run: {info["run"]} mutants in {info["seconds"] / 60:.1f} min (nice 10, on the 2-core machine shared '
                    'with three other agents); unmutated subset per module, seconds: ' +
                    ', '.join(f'{k} {v:.0f}' for k, v in info['base'].items()) + '.', '']
@@ -436,7 +546,7 @@ def main():
     sub = ap.add_subparsers(dest='cmd')
     s = sub.add_parser('serve'); s.add_argument('--socket'); s.add_argument('--root')
     c = sub.add_parser('client'); c.add_argument('--socket'); c.add_argument('--module'); c.add_argument('--timeout', type=float)
-    ap.add_argument('--n', type=int, default=400, help='mutants to sample from the scope (stratified by function)')
+    ap.add_argument('--n', type=int, default=280, help='mutants to sample from the scope (stratified by function)')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--minutes', type=float, default=40, help='stop starting new mutants after this many minutes')
     ap.add_argument('--resume', action='store_true', help='continue the last session (same sample)')

@@ -196,8 +196,8 @@ def test_approx_aupro_on_the_trainer_path(steps):
 
 def test_approx_aupro_rescales_from_the_smallest_kept_fpr():
     """The papers' min-max rescaling of the kept FPRs matters when no threshold reaches FPR 0 (a normal pixel holds the
-    top score), and a curve whose kept FPRs are all equal gives 0, not NaN. Kills: `f - f.min()` -> `f + f.min()`,
-    `f.max() > f.min()` -> `>=` in `_approx_from_curve`."""
+    top score), and a curve whose kept FPRs are all equal gives 0, not NaN. Kills: `f - f.min()` -> `f * f.min()`,
+    `f.max() > f.min()` -> `>=` in `_approx_from_curve` (`f + f.min()` only shifts the x axis: the area is the same)."""
     from vqflow_nb.metrics import aupro
     g = np.random.default_rng(6)
     masks = np.zeros((2, 12, 12), np.uint8); masks[0, 2:6, 2:7] = 1; masks[1, 6:10, 5:9] = 1
@@ -330,11 +330,11 @@ def test_hgad_label_free_class_is_the_argmax_of_the_summed_level_posteriors():
     torch.manual_seed(0)
     m = HGAD(HGADConfig.small([8, 8], 3, depth=1, pos_dim=8, n_centers=2, seed=0, variant='label_free')).eval()
     with torch.no_grad():   # equal centres: the posterior is the mixture weights, whatever z
-        for pr, pi in zip(m.priors, ([0.9, 0.1, 1e-9], [0.05, 0.5, 0.45])):
+        for pr, pi in zip(m.priors, ([0.05, 0.15, 0.8], [0.05, 0.6, 0.35])):
             pr.mu.zero_(); pr.phi_inter.copy_(torch.tensor(pi).log())
     feats = [torch.randn(2, 8, 3, 3), torch.randn(2, 8, 2, 2)]
     s = m.score(feats, None, out_size=(8, 8))
-    assert s.parts['cls_used'].tolist() == [0, 0]                   # sum [0.95, 0.6, 0.45]; a product would pick 1
+    assert s.parts['cls_used'].tolist() == [2, 2]                   # sum [0.1, 0.75, 1.15]; a product [.0025, .09, .28]
 
 
 def test_hvq_maps_window_never_below_one_pixel():
