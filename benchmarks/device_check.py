@@ -104,7 +104,7 @@ def main():
 
     precs = ['bf16'] + (['fp16'] if device.type == 'cuda' else [])
     def fp32():
-        return V.timing(S, feats, device, pairs, warm, ['ours', 'ours+bcond'])
+        return V.timing(S, feats, device, pairs, warm, ['ours', 'ours+bcond', 'ours+quant'])   # ours+quant: quant_conv='all' (on a CPU 'ours' already is)
     part('a_fp32_vs_authors', res, fp32, t0, args.budget)
 
     def amp():
@@ -133,7 +133,7 @@ def main():
     if device.type == 'cuda': torch.cuda.empty_cache()
 
     def mem():
-        sides = ['theirs', 'ours', 'ours+bcond'] + [f'ours+{p}' for p in precs]
+        sides = ['theirs', 'ours', 'ours+bcond', 'ours+quant'] + [f'ours+{p}' for p in precs]
         left = max(args.budget - (time.time() - t0), 60)
         return V.memory(ns, sides, timeout=left / len(sides))
     part('d_peak_memory', res, mem, t0, args.budget + 120, need=60 if not args.smoke else 0)

@@ -95,3 +95,18 @@ def _vqflow_quant_vs_dense():
     m_c = VQFlow(replace(cfg, quant_conv='cpu')).double()
     assert isinstance(m_c._flow_cond(cb['conds'][0], cb, 0), QuantCond)
     assert m_d._flow_cond(cb['conds'][0], cb, 0) is cb['conds'][0]
+
+
+def test_vqflow_quant_conv_with_checkpointing():
+    "Activation checkpointing of the flow blocks recomputes the quantised path: same loss and gradients."
+    from vqflow_nb.vqflow import VQFlow, VQFlowConfig
+    with patch.dict(QUANT_CONV_LIMITS, min_positions_per_code=0., min_pattern_channels=0):
+        torch.manual_seed(0)
+        cfg = VQFlowConfig.small([8, 12, 16, 20], seed=0, quant_conv='all', depths=(1, 1, 1))
+        a, b = VQFlow(cfg).double().eval(), VQFlow(replace(cfg, checkpoint=True)).double().eval()
+        b.load_state_dict(a.state_dict())
+        g = torch.Generator().manual_seed(3)
+        feats = [torch.randn(2, c, s, s, generator=g, dtype=torch.float64) for c, s in zip([8, 12, 16, 20], [32, 16, 8, 4])]
+        la, lb = (sum(z.pow(2).sum() for z in m(feats)['zs']) for m in (a, b))
+        ga, gb = torch.autograd.grad(la, list(a.parameters())), torch.autograd.grad(lb, list(b.parameters()))
+        assert torch.allclose(la, lb) and all(torch.allclose(x, y) for x, y in zip(ga, gb))

@@ -50,7 +50,7 @@ class VQFlowConfig:
     top_k:float = 0.03 # image score = mean of the top 3 % of the 'mul' map (code: `default.py` top_k, `post_process.py`)
     seed:int|None = None # permutation seeds of the flows (None: numpy's global RNG, like FrEIA)
     broadcast_cond:bool = False # ours: hand the flows the prototype part of the condition as one vector per image (`flows.BroadcastCond`): same maths, 1.37x/1.25x faster training/inference on a CPU, slower on a GPU (docs/performance.md)
-    quant_conv:str = 'cpu' # ours: where the flows convolve the condition from its codes (`flows.QuantCond`): 'cpu' (there 1.66x faster inference and a 2.58x faster scale-1 convolution at the authors' size), 'all', 'none' (the dense path); same maths up to float summation order (docs/performance.md)
+    quant_conv:str = 'cpu' # ours: where the flows convolve the condition from its codes (`flows.QuantCond`): 'cpu' (there 1.72x/1.80x faster training/inference than the authors' code at their size), 'all', 'none' (the dense path); same maths up to float summation order (docs/performance.md)
     checkpoint:bool = False # ours, not the authors': recompute flow-block activations in backward (less memory, ~1/3 more time)
     # optimisation (code: `main.py:parsing_args` and `train.py:train`): Adam 1e-4, batch 16, 30 meta-epochs x 2
     # sub-epochs (argparse wins over default.py), LinearLR warm-up from 0.1x over 5 meta-epochs = 10 sub-epochs,
