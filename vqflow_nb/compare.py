@@ -105,9 +105,9 @@ def _wide(t:pd.DataFrame, index:list, columns:str) -> pd.DataFrame:
     return t.pivot(index=index, columns=columns, values='text')
 
 def runs_summary(info:pd.DataFrame) -> pd.DataFrame:
-    "Per label: labels used, passes, seeds finished, converged (flat) count, degenerate count, mean minutes."
+    "Per label: labels used, epochs, seeds finished, converged (flat) count, degenerate count, mean minutes."
     g = info.groupby('label', sort=False)
-    return pd.DataFrame({'class labels': g.labels_used.first(), 'passes': g.epochs.first(),
+    return pd.DataFrame({'class labels': g.labels_used.first(), 'epochs': g.epochs.first(),
                          "changed from the method's own": g.changed.first(),
                          'seeds': g.apply(lambda d: int((~d.degenerate).sum())),
                          'loss flat at the end': g.apply(lambda d: f"{int(d.flat.fillna(False).sum())}/{len(d)}"),

@@ -16,7 +16,7 @@ from .record import mark_complete
 
 # %% auto #0
 __all__ = ['TOP', 'SEG', 'ABSOLUTE', 'RULES', 'kernel_env', 'notebook_parameters', 'error_message', 'execute_notebook',
-           'portable', 'find', 'notebook_strings', 'portable_notebook', 'run_task', 'watch']
+           'portable', 'find', 'notebook_strings', 'portable_notebook', 'drop_widget_state', 'run_task', 'watch']
 
 # %% ../nbs/31_execute.ipynb #1f980124
 @contextlib.contextmanager
@@ -54,7 +54,7 @@ def execute_notebook(nb:Path, out:Path, params:dict, kernel:str='python3', timeo
         if (out/'metrics.json').exists(): os.replace(out/'metrics.json', out/'metrics.failed-run.json')
         return 'failed', type(e).__name__, error_message(e)
     finally:
-        if (out/'run.ipynb').exists(): portable_notebook(out/'run.ipynb')
+        if (out/'run.ipynb').exists(): drop_widget_state(out/'run.ipynb'); portable_notebook(out/'run.ipynb')
     if not (out/'metrics.json').exists(): return 'failed', 'NoMetrics', 'the notebook finished without writing metrics.json'
     m = json.loads((out/'metrics.json').read_text())
     if m.get('degenerate'): return 'degenerate', 'Degenerate', json.dumps(m['degenerate_detail']['last'])[:500]
@@ -110,6 +110,11 @@ def portable_notebook(path, sources:bool|None=None) -> bool:
     path.write_text(json.dumps(new, indent=1, ensure_ascii=False) + '\n')
     return True
 
+
+def drop_widget_state(path):
+    "Remove the saved state of the kernel's progress-bar widgets (about 140 kB a run, of no use once it has finished)."
+    nb = json.loads(Path(path).read_text())
+    if nb.get('metadata', {}).pop('widgets', None) is not None: Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
 
 # %% ../nbs/31_execute.ipynb #e65279b7
 def run_task(notebook:str|Path, # the replication notebook

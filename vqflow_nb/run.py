@@ -285,5 +285,7 @@ def show_run(run:dict, figures:bool=True):
                      f"{m['needs_labels']}); last epoch {m['last']['epoch'] + 1}, best epoch {m['best']['epoch'] + 1}"))
     display(pd.concat({'last': run['fit'].last, 'best': run['fit'].best}, axis=1).round(3))
     print(f"last epoch's relative loss change: {m['converged']['last_rel_change']}; flattened: {m['converged']['flat']}")
-    if figures:
-        for path in run_figures(run).values(): display(Image(filename=str(path)))
+    if figures:   # under the runner the notebook lies in the run's folder: link the figure files, do not copy them in
+        link = 'VQFLOW_RUNNER_PID' in os.environ
+        for k, path in run_figures(run).items():
+            display(Markdown(f"![{k}]({Path(path).relative_to(run['out_dir']).as_posix()})") if link else Image(filename=str(path)))
