@@ -175,6 +175,7 @@ from torch import nn
 sys.path.insert(0, {tests!r})
 from test_faults import _Feats, _model
 from vqflow_nb.train import fit, Schedule, dist_info
+from vqflow_nb.method import Method
 from vqflow_nb.codebooks import EMACodebook
 
 class Coded(Method):
