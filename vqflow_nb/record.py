@@ -23,7 +23,7 @@ METRIC_NAMES = dict(i_auroc='I-AUROC', i_ap='I-AP', i_f1max='I-F1max', p_auroc='
                     p_f1max='P-F1max', aupro='AUPRO')
 RUN_KEYS = ('dataset', 'method', 'variant', 'profile', 'backbone', 'backbone_preset', 'weights', 'image_size', 'needs_labels',
             'epochs', 'seed', 'classes', 'class_index', 'faithful', 'model_size', 'aupro_variant', 'schedule', 'model_config',
-            'deviations', 'data_root', 'data_fingerprint', 'n_params', 'degenerate', 'degenerate_detail')
+            'deviations', 'protocol', 'data_root', 'data_fingerprint', 'n_params', 'degenerate', 'degenerate_detail')
 RESULT_KEYS = ('last', 'best', 'best_per_metric', 'converged', 'seconds')
 
 def check_metrics(m:dict, where:str='metrics.json') -> dict:
