@@ -320,11 +320,15 @@ def scan_mvtec3d(root:str|Path, split:str, classes:list[str]|None=None) -> list[
     return _scan_tree(root, split, classes, "mvtec3d")
 
 def scan_mvtec_ad2(root:str|Path, split:str, classes:list[str]|None=None) -> list[Record]:
-    "List the images of MVTec AD 2: train/good for training, test_public for testing (the private sets have no labels)."
-    if split in _PRIVATE or split == "validation":
-        why = ("has no labels: MVTec scores it on its benchmark server (benchmark.mvtec.com); this suite never evaluates it"
-               if split in _PRIVATE else "holds normal images for choosing thresholds, not a test set")
-        raise DatasetError(f"MVTec AD 2's {split!r} set of {root} {why}; use split 'train' or 'test' (= test_public)")
+    "List the images of MVTec AD 2: train/good, test_public as 'test', validation/good (normal only, for thresholds) as 'validation'."
+    if split in _PRIVATE:
+        raise DatasetError(f"MVTec AD 2's {split!r} set of {root} has no labels: MVTec scores it on its benchmark server "
+                           "(benchmark.mvtec.com); this suite never evaluates it; use split 'train', 'test' (= test_public) or 'validation'")
+    if split == "validation":   # normal images only: where the SegF1 threshold is chosen (MVTec AD 2 paper, Heckler-Kram et al. 2025)
+        root, tree = _check_root(root), replace(_TREES["mvtec_ad2"], train="validation/good")
+        recs = [replace(r, split="validation") for c in _mvtec_classes(root, classes, tree) for r in _scan_train(root / c, c, tree)]
+        _check_unique_files(recs)
+        return recs
     return _scan_tree(root, split, classes, "mvtec_ad2")
 
 def unlabeled_images(root:str|Path, classes:list[str]|None=None) -> dict:
