@@ -320,6 +320,7 @@ def on_epoch_end(self:HGAD, epoch:int): self.passes_done.fill_(epoch + 1)
 
 # %% ../nbs/11_hgad.ipynb #0e37d2b7
 HGAD.selection = Selection(per_metric=('i_auroc', 'p_auroc'))   # [code] train.py:train, best_mean_img_auc / best_mean_pixel_auc, `>`
+HGAD.set_relative_scores = True   # `finalize_scores` divides by the class's maximum over the scored set
 
 @patch
 def scoring_protocol(self:HGAD, mask_size:int) -> dict:

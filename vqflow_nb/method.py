@@ -88,6 +88,7 @@ class Method(nn.Module):
     cfg = None # the method's configuration dataclass (recorded in metrics.json as it ran); None: it has none
     selection:Selection = Selection() # how its authors pick the best evaluation (default: ours, mean image + pixel AUROC)
     extra_image_scores:tuple = () # `Scores.parts` keys holding another image score per item: the metric table adds `i_auroc_<key>`
+    set_relative_scores:bool = False # True: scores are normalised over each scored set (HGAD), so a threshold from one set does not carry to another
 
     def schedule(self) -> Schedule: return Schedule()
     def loss(self, feats:list, batch:dict) -> dict:

@@ -25,13 +25,14 @@ from .config import RunConfig, run_config, resolve_profile
 from .identity import data_fingerprint, portable_path
 from .record import write_run
 from .protocol import run_protocol
+from .dataset_metrics import dataset_protocol_metrics
 from . import viz
 
 # %% auto #0
 __all__ = ['PUBLISHED_CLASSES', 'CPU_HINT', 'make_extractor', 'resolve_data', 'synthetic_root', 'train_classes', 'dataset_name',
            'per_dataset', 'is_faithful', 'deviations', 'ran_config', 'run_info', 'RunFolderBusy', 'run_lock',
-           'die_with_parent', 'run_data', 'per_kind_table', 'run_experiment', 'resolve_protocol', 'protocol_doc',
-           'run_figures', 'show_run']
+           'die_with_parent', 'run_data', 'per_kind_table', 'dataset_numbers', 'run_experiment', 'resolve_protocol',
+           'protocol_doc', 'run_figures', 'show_run']
 
 # %% ../nbs/30c_run.ipynb #e1fb0a4d
 def make_extractor(backbone:str|None=None, # a preset of `vqflow_nb.features.PRESETS`, a timm model name, or None
@@ -215,6 +216,16 @@ def per_kind_table(per:dict, # `collect_scores` output of the test set
                                cat('masks') if pixel else None, cat('maps') if pixel else None,
                                classes=np.concatenate([np.full((cls == c).sum(), c) for c in c_order]))
 
+def dataset_numbers(cfg:RunConfig, run:dict, root, data:dict, cache_dir, progress:bool=False) -> dict:
+    "The data set's own numbers (`dataset_metrics`): Real-IAD's sample level; MVTec AD 2's AU-PRO@0.05 and SegF1, its threshold from the validation split scored by the trained model."
+    model, test_ds, ext, val_per = run['model'], run['test_ds'], run['extractor'], None
+    if test_ds.fmt == 'mvtec_ad2' and not model.set_relative_scores:
+        val_ds = AnomalyDataset(root, 'validation', classes=cfg.classes, image_size=ext.input_size, mask_size=data['mask_size'],
+                                resample=data['resample'], crop=data['crop'], verbose=False, class_index=test_ds.class_index)
+        val_s = ImageStore(val_ds) if model.needs_images else extract_features(val_ds, ext, cache_dir, device=run['device'], progress=progress)
+        val_per = collect_scores(model, val_s, device=run['device'], progress=False)
+    return dataset_protocol_metrics(cfg.dataset, run['scores'], test_ds, val_per)
+
 # %% ../nbs/30c_run.ipynb #9edf4e6e
 CPU_HINT = ("Run the method's measured CPU reductions with profile='cpu' (-p profile=cpu), or raise time_limit; "
             "the authors' schedules are sized for a GPU.")
@@ -247,7 +258,8 @@ def run_experiment(cfg:RunConfig|str|None=None, # a `RunConfig`, or a dataset na
                    counts=test_ds.counts(), extractor=ext, config=cfg, data=data)
         if not is_main_process(): return run   # torchrun: every rank trained; rank 0 evaluated and writes
         run['scores'] = default(res.scores, lambda: collect_scores(model, test_s, device=dev, progress=False))   # a resumed, finished run re-scores
-        run['metrics'] = write_run(out_dir, run_info(cfg, run, preset, small, root), res, per_kind_table(run['scores'], test_ds),
+        info = dict(run_info(cfg, run, preset, small, root), dataset_protocol=dataset_numbers(cfg, run, root, data, cache_dir))
+        run['metrics'] = write_run(out_dir, info, res, per_kind_table(run['scores'], test_ds),
                                    env=provenance(dev, seed=cfg.seed, weights=ext.weights_source, variant=cfg.variant,
                                                   extractor=ext.config), seconds=time.time() - t_start,
                                    method_record=model.run_record(test_s))
@@ -325,6 +337,8 @@ def show_run(run:dict, figures:bool=True):
                      f"{m['backbone']}, {m['image_size']} px, {m['epochs']} epochs, variant {m['variant']}, class labels used: "
                      f"{m['needs_labels']}); last epoch {m['last']['epoch'] + 1}, best epoch {m['best']['epoch'] + 1}"))
     display(pd.concat({'last': run['fit'].last, 'best': run['fit'].best}, axis=1).round(3))
+    if m.get('dataset_protocol'):   # the data set's own numbers (Real-IAD sample level, MVTec AD 2 AU-PRO@0.05 and SegF1)
+        display(Markdown(f"**{m['dataset']}'s own protocol** (`dataset_metrics`), last epoch:")); display(pd.DataFrame(m['dataset_protocol']).round(3))
     print(f"last epoch's relative loss change: {m['converged']['last_rel_change']}; flattened: {m['converged']['flat']}")
     if figures:   # under the runner the notebook lies in the run's folder: link the figure files, do not copy them in
         link = 'VQFLOW_RUNNER_PID' in os.environ
