@@ -506,10 +506,11 @@ class RunTooLong(RuntimeError):
 def estimate_run(sch:Schedule, start:int, # the schedule, and the first epoch this call trains
                  train_s:float, # seconds the first epoch's training took
                  elapsed_s:float, # seconds the first epoch took with its evaluation (if it had one)
+                 eval_s:float|None=None, # seconds of one evaluation, when measured after a later epoch (the first had none)
                 ) -> dict:
     "Estimated seconds of the rest of the run: training epochs at the first one's pace, evaluations at the first one's."
     evals = [e for e in range(start, sch.epochs) if sch.evaluates(e)]
-    eval_s = elapsed_s - train_s if start in evals else None
+    eval_s = elapsed_s - train_s if start in evals else eval_s
     total = train_s * (sch.epochs - start) + (eval_s or 0.0) * len(evals)
     text = f"{total/3600:.1f} h" if total >= 3600 else f"{total/60:.1f} min"
     if eval_s is None and evals: text += f" of training, plus {len(evals)} evaluations"
@@ -564,10 +565,17 @@ def fit(method:Method, # the method (its `schedule()` gives the defaults)
         for epoch in bar:
             res.history.append(_train_epoch(method, train_store, opt, sch, params, epoch, seed, device, bar, progress, par, amp))
             if exists(test_store) and sch.evaluates(epoch):
+                t_eval = time.time()
                 per = collect_scores(method, test_store, eval_batch_size, device, progress) if main else None
                 t = metric_table(per, names, aupro_variant, method.extra_image_scores) if main else None
                 if epoch + 1 == sch.epochs: res.scores = per
                 _record_eval(res, t if par is None else par.broadcast(t), epoch, progress)
+                if epoch > start and res.estimate is not None and res.estimate['eval_seconds'] is None:   # the first evaluation came later
+                    h = res.history[len(res.history) - (epoch - start) - 1]   # the first epoch of this call
+                    res.estimate = estimate_run(sch, start, h['seconds'], h['seconds'], eval_s=time.time() - t_eval)
+                    if exists(out_dir) and main: record(out_dir, 'estimate', res.estimate)
+                    if progress: tqdm.write(f"{type(method).__name__}: re-estimated {res.estimate['text']} with the first evaluation's time")
+                    check_time_limit(res.estimate, time_limit, limit_hint)
             if exists(ckpt) and main: _save(ckpt, method, opt, amp, res, epoch, spec)
             if epoch == start:   # after the first epoch: how long the whole run will take, said before anyone waits for it
                 res.estimate = estimate_run(sch, start, res.history[-1]['seconds'], time.time() - t_loop)
