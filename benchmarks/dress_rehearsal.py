@@ -214,16 +214,43 @@ def data_counts(root:Path, classes=None) -> dict:
     from vqflow_nb.data import scan_dataset
     return dict(n_train=len(scan_dataset(root, 'train', classes)), n_test=len(scan_dataset(root, 'test', classes)))
 
-def authors_side(method:str, authors_dir:str|None, device:str, steps:int=3) -> dict:
-    "The authors' own training step timed on this device by `vs_authors.authors_step_seconds`, or why not."
+# each authors' checkout is recognised by a file only it has (what benchmarks/vs_authors.py imports from it)
+CHECKOUTS = dict(vqflow=('cool-xuan/vqflow', 'post_process.py'), hgad=('xcyao00/HGAD', 'models/nf_model.py'),
+                 hvqtrans=('RuiyingLu/HVQ-Trans', 'models/HVQ_TR_switch.py'))
+
+def authors_checkout(method:str, authors_dir:str) -> Path|None:
+    "The method's authors' checkout: `authors_dir` itself or one of its sub-folders, found by its marker file."
+    if method not in CHECKOUTS: return None
+    mark, d = CHECKOUTS[method][1], Path(authors_dir)
+    others = [m for k, (_, m) in CHECKOUTS.items() if k != method]
+    ok = lambda p: (p/mark).exists() and not any((p/o).exists() for o in others)
+    if ok(d): return d
+    subs = sorted(p for p in d.iterdir() if p.is_dir() and ok(p)) if d.is_dir() else []
+    return subs[0] if subs else None
+
+def authors_side(method:str, authors_dir:str|None, device:str, steps:int=3, isolate:bool=True) -> dict:
+    """The authors' own training step timed on this device by `vs_authors.authors_step_seconds`, or why not. `isolate`:
+    in a process of its own (the authors' checkouts share top-level module names such as `utils`, and their CUDA
+    memory must not count against the next run)."""
     if not authors_dir: return dict(available=False, why='no --authors given')
+    if isolate:
+        cmd = [sys.executable, str(Path(__file__).resolve()), '--authors-child', json.dumps([method, authors_dir, device, steps])]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        try: return json.loads(p.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            return dict(available=False, why=f'authors_step_seconds process failed: {((p.stderr or "").strip().splitlines() or [""])[-1][:300]}')
     try:
         import vs_authors
         fn = vs_authors.authors_step_seconds
     except (ImportError, AttributeError) as e:
         return dict(available=False, why=f'benchmarks/vs_authors.py has no authors_step_seconds ({type(e).__name__}): not available')
-    try: return dict(available=True, **fn(method, authors_dir, device, steps=steps))
-    except Exception as e: return dict(available=False, why=f'authors_step_seconds failed: {type(e).__name__}: {str(e)[:300]}')
+    d = authors_checkout(method, authors_dir)
+    if d is None:
+        repo = CHECKOUTS[method][0] if method in CHECKOUTS else "the authors' code"
+        return dict(available=False, why=f'no checkout of {repo} in or under {authors_dir}')
+    try: return dict(available=True, checkout=str(d), **fn(method, str(d), device, steps=steps))
+    except (Exception, SystemExit) as e:   # vs_authors stops with SystemExit on a wrong checkout
+        return dict(available=False, why=f'authors_step_seconds failed: {type(e).__name__}: {str(e)[:300]}')
 
 def rehearse(method:str, args, data_root:Path, work:Path, engine:str) -> dict:
     "Run one method and return its row: measured seconds, memory, the full-schedule projection, the authors' side."
@@ -258,7 +285,8 @@ def rehearse(method:str, args, data_root:Path, work:Path, engine:str) -> dict:
         row['projected_hours'] = projected_hours(sch['epochs'], sch['eval_every'], f['s_epoch'], f['s_val'] or 0.0, f['setup_s'] or 0.0)
         row['projected_train_hours'] = ((f['setup_s'] or 0.0) + sch['epochs'] * f['s_epoch']) / 3600
         row['n_validations'] = n_validations(sch['epochs'], sch['eval_every'])
-    a = authors_side(method, args.authors, args.device or 'cuda', args.authors_steps)
+    import torch
+    a = authors_side(method, args.authors, args.device or ('cuda' if torch.cuda.is_available() else 'cpu'), args.authors_steps)
     if a.get('available') and row.get('full'):
         steps = steps_per_epoch(full['n_train'], a['batch_size'], sch['drop_last'])
         a['projected_train_hours'] = sch['epochs'] * steps * a['seconds_per_step'] / 3600
@@ -331,8 +359,12 @@ def main(argv=None):
     ap.add_argument('--out', default=str(ROOT/'results'/'benchmarks'/'dress_rehearsal'), help='writes <out>.json and <out>.md')
     ap.add_argument('--smoke', action='store_true', help='three classes at tiny sizes on the CPU, one epoch: tests this script')
     ap.add_argument('--child', default=None, help=argparse.SUPPRESS)
+    ap.add_argument('--authors-child', default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child: return child(args.child)
+    if args.authors_child:
+        m, d, dev, n = json.loads(args.authors_child)
+        return print(json.dumps(authors_side(m, d, dev, n, isolate=False), default=str))
     args.classes = args.classes.split(',') if isinstance(args.classes, str) else args.classes
     sizes = dict(kv.split('=') for kv in args.image_size.split(',')) if args.image_size else {}
     args.image_size = {k: int(v) for k, v in sizes.items()}
@@ -358,12 +390,13 @@ def main(argv=None):
         try: import papermill, ipykernel   # noqa: F401
         except ImportError as e:
             engine = 'direct'; print(f'papermill or ipykernel missing ({e}): running run_experiment directly instead', flush=True)
-    rows = [rehearse(m, args, root, work, engine) for m in args.methods.split(',')]
     res = dict(command='python benchmarks/dress_rehearsal.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
                smoke=args.smoke, scale=args.scale, size_scale=args.size_scale, classes=args.classes or list(MVTEC_SIZED),
                epochs=args.epochs, engine=engine, data_seconds=gen_s, **counts, platform=platform.platform(),
-               python=platform.python_version(), time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), rows=rows)
-    write(res, Path(args.out))
+               python=platform.python_version(), time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), rows=[])
+    for m in args.methods.split(','):   # written after every method: a run stopped from outside keeps what it measured
+        res['rows'].append(rehearse(m, args, root, work, engine)); write(res, Path(args.out))
+    rows = res['rows']
     print(table(rows))
     print(f'wrote {Path(args.out).with_suffix(".md")} and .json')
     return res

@@ -39,15 +39,20 @@ def test_schedules_are_the_registered_authors():
     assert [dr.authors_schedule(m)['batch_size'] for m in ('vqflow', 'hgad', 'hvqtrans')] == [16, 8, 32]
 
 
-def test_authors_interface(monkeypatch):
+def test_authors_interface(monkeypatch, tmp_path):
     assert dr.authors_side('hgad', None, 'cpu')['available'] is False
     monkeypatch.setitem(sys.modules, 'vs_authors', types.ModuleType('vs_authors'))   # a vs_authors without the function
-    a = dr.authors_side('hgad', '/nowhere', 'cpu')
+    a = dr.authors_side('hgad', '/nowhere', 'cpu', isolate=False)
     assert a['available'] is False and 'not available' in a['why']
     fake = types.ModuleType('vs_authors')
     fake.authors_step_seconds = lambda method, authors_dir, device, steps=3: dict(seconds_per_step=0.5, batch_size=8)
     monkeypatch.setitem(sys.modules, 'vs_authors', fake)
-    assert dr.authors_side('hgad', '/x', 'cpu') == dict(available=True, seconds_per_step=0.5, batch_size=8)
+    assert 'no checkout of xcyao00/HGAD' in dr.authors_side('hgad', str(tmp_path), 'cpu', isolate=False)['why']
+    (tmp_path/'HGAD'/'models').mkdir(parents=True); (tmp_path/'HGAD'/'models'/'nf_model.py').write_text('')
+    assert dr.authors_side('hgad', str(tmp_path), 'cpu', isolate=False) == dict(available=True, checkout=str(tmp_path/'HGAD'), seconds_per_step=0.5, batch_size=8)
+    def stops(*a, **k): raise SystemExit('no models/nf_model.py there')   # how vs_authors refuses a wrong checkout
+    fake.authors_step_seconds = stops
+    assert 'SystemExit' in dr.authors_side('hgad', str(tmp_path), 'cpu', isolate=False)['why']
 
 
 def test_smoke_writes_a_row_per_method(tmp_path):
@@ -67,3 +72,18 @@ def test_smoke_writes_a_row_per_method(tmp_path):
         assert r['authors']['available'] is False
     md = (tmp_path/'dr.md').read_text()
     for m in ('vqflow', 'hgad', 'hvqtrans'): assert sum(l.startswith(f'| {m} |') for l in md.splitlines()) == 1
+
+
+def test_authors_side_runs_in_its_own_process(tmp_path):
+    "Isolated: the answer comes back from a child process (here this checkout's vs_authors, with or without the function)."
+    a = dr.authors_side('hgad', str(tmp_path), 'cpu')
+    assert a['available'] is False and ('not available' in a['why'] or 'no checkout' in a['why']), a
+
+
+def test_authors_checkouts_are_found_by_their_marker(tmp_path):
+    for name, files in dict(vq=['post_process.py', 'train.py'], HGAD=['models/nf_model.py'], hvq=['models/HVQ_TR_switch.py']).items():
+        for f in files: (tmp_path/name/f).parent.mkdir(parents=True, exist_ok=True); (tmp_path/name/f).write_text('')
+    assert dr.authors_checkout('vqflow', str(tmp_path)) == tmp_path/'vq'
+    assert dr.authors_checkout('hgad', str(tmp_path)) == tmp_path/'HGAD'
+    assert dr.authors_checkout('hvqtrans', str(tmp_path/'hvq')) == tmp_path/'hvq'   # the checkout itself
+    assert dr.authors_checkout('hgad', str(tmp_path/'vq')) is None and dr.authors_checkout('patchcore', str(tmp_path)) is None
