@@ -334,7 +334,7 @@ def write(res:dict, out:Path):
     notes += [f"- {r['method']}: {r['status']} ({r['error']}: {r['message']})" for r in res['rows'] if r['status'] != 'ok']
     out.with_suffix('.md').write_text('\n'.join(notes).rstrip() + '\n')
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--methods', default=','.join(METHODS_DEFAULT), help='comma-separated (vqflow,hgad,hvqtrans,patchcore)')
     ap.add_argument('--data', default=None, help='the MVTec-sized preset folder (built if missing); default data/mvtec_sized[_s<scale>_z<size_scale>]')
@@ -360,7 +360,10 @@ def main(argv=None):
     ap.add_argument('--smoke', action='store_true', help='three classes at tiny sizes on the CPU, one epoch: tests this script')
     ap.add_argument('--child', default=None, help=argparse.SUPPRESS)
     ap.add_argument('--authors-child', default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.child: return child(args.child)
     if args.authors_child:
         m, d, dev, n = json.loads(args.authors_child)

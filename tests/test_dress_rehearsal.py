@@ -87,3 +87,15 @@ def test_authors_checkouts_are_found_by_their_marker(tmp_path):
     assert dr.authors_checkout('hgad', str(tmp_path)) == tmp_path/'HGAD'
     assert dr.authors_checkout('hvqtrans', str(tmp_path/'hvq')) == tmp_path/'hvq'   # the checkout itself
     assert dr.authors_checkout('hgad', str(tmp_path/'vq')) is None and dr.authors_checkout('patchcore', str(tmp_path)) is None
+
+
+def test_gpu_script_passes_only_known_flags():
+    "benchmarks/gpu_rehearsal.sh runs on a lent GPU only: a flag renamed here must fail a test on the CPU, not the device call."
+    import re
+    sh = (ROOT/'benchmarks'/'gpu_rehearsal.sh').read_text()
+    assert subprocess.run(['bash', '-n', str(ROOT/'benchmarks'/'gpu_rehearsal.sh')]).returncode == 0
+    call = sh[sh.index('$PY benchmarks/dress_rehearsal.py'):]; call = call[:call.index('| tee')]
+    tiny = sh[sh.index('EXTRA=(--classes'):]; tiny = tiny[:tiny.index(')')]
+    flags = set(re.findall(r'(?<![\w-])--[a-z][a-z-]+', call + tiny))
+    known = {o for a in dr.parser()._actions for o in a.option_strings}
+    assert flags and flags <= known, flags - known
