@@ -266,6 +266,7 @@ def rehearse(method:str, args, data_root:Path, work:Path, engine:str) -> dict:
           f'batch {bs}, {args.epochs} epoch(s), cap {args.cap:.0f} s', flush=True)
     w = Watcher(run_dir, cache); t_call = time.time(); w.start()
     status, err, msg = execute(engine, params, run_dir, args.cap, args.threads, mem_file)
+    if err in ('CellTimeoutError', 'TimeoutError', 'Timeout'): msg = f'stopped at the cap of {args.cap:.0f} s'
     wall = time.time() - t_call; w.stop.set(); w.join()
     m = measure(run_dir, w.seen, t_call, w.extract_start)
     mem = json.loads(mem_file.read_text()) if mem_file.exists() else {}
@@ -285,6 +286,9 @@ def rehearse(method:str, args, data_root:Path, work:Path, engine:str) -> dict:
         row['projected_hours'] = projected_hours(sch['epochs'], sch['eval_every'], f['s_epoch'], f['s_val'] or 0.0, f['setup_s'] or 0.0)
         row['projected_train_hours'] = ((f['setup_s'] or 0.0) + sch['epochs'] * f['s_epoch']) / 3600
         row['n_validations'] = n_validations(sch['epochs'], sch['eval_every'])
+    # what a validation of the whole test set holds in host memory (not seen at a reduced scale): every test map
+    # (float32) and mask (bool) at the input size, the runner's mask resolution (`metrics.MetricAccumulator`)
+    row['metric_store_gb_full'] = full['n_test'] * params['image_size'] ** 2 * 5 / 1024 ** 3 if params['image_size'] else None
     import torch
     a = authors_side(method, args.authors, args.device or ('cuda' if torch.cuda.is_available() else 'cpu'), args.authors_steps)
     if a.get('available') and row.get('full'):
@@ -304,14 +308,15 @@ def _f(x, nd=3): return '–' if x is None else f'{x:.{nd}g}'
 def table(rows:list) -> str:
     "The markdown table of a rehearsal."
     head = ('| method | device | backbone @ px (weights) | status | s/epoch (run) | s/validation (run) | set-up s, of it extraction (run) | '
-            's/epoch full set | s/validation full set | peak host GB | peak CUDA GB | schedule | projected h ours | '
+            's/epoch full set | s/validation full set | peak host GB | peak CUDA GB | metric store full set GB | schedule | projected h ours | '
             'authors\' h (training) | ratio theirs/ours (training) |')
     lines = [head, '|' + '---|' * head.count(' | ') + '---|']
     for r in rows:
         f, a, s = r.get('full') or {}, r['authors'], r['schedule']
         lines.append(f"| {r['method']} | {r['device']} | {r['backbone']} @ {r['image_size']} ({r['weights']}) | {r['status']} | "
                      f"{_f(r['s_epoch'])} | {_f(r['s_val'])} | {_f(r['setup_s'])}{', ' + _f(r['extract_s']) if r.get('extract_s') else ''} | {_f(f.get('s_epoch'))} | {_f(f.get('s_val'))} | "
-                     f"{_f(r['host_peak_gb'])} | {_f(r['cuda_peak_gb'])} | {s['epochs']} ep, {r.get('n_validations', '–')} val | "
+                     f"{_f(r['host_peak_gb'])} | {_f(r['cuda_peak_gb'])} | {_f(r.get('metric_store_gb_full'))} | "
+                     f"{s['epochs']} ep, {r.get('n_validations', '–')} val | "
                      f"{_f(r.get('projected_hours'))} | {_f(a.get('projected_train_hours'))} | {_f(a.get('ratio_train'))} |")
     return '\n'.join(lines)
 
@@ -325,7 +330,8 @@ def write(res:dict, out:Path):
              table(res['rows']), '',
              "*Full set*: the run's seconds scaled to MVTec AD's counts (training by optimiser steps, validation by test images, "
              "feature extraction by all images, the rest of the set-up as it was). *Projected h ours*: set-up + epochs x s/epoch + validations x s/validation of the method's "
-             "own schedule. *Authors' h*: their training step (benchmarks/vs_authors.py `authors_step_seconds`, same device) "
+             "own schedule. *Peak* memory is this run's, at its scale; *metric store full set*: the test maps (float32) and masks (bool) "
+             "at the input size that one validation of the whole test set holds. *Authors' h*: their training step (benchmarks/vs_authors.py `authors_step_seconds`, same device) "
              "x steps x epochs, validations not timed; the ratio compares training only (ours: set-up + epochs x s/epoch)."]
     if any(r['weights'] == 'random' for r in res['rows']):
         notes += ['', "Weights 'random': timm's pretrained weights cannot be downloaded here, so the authors' backbones ran with "
