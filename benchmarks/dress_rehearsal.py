@@ -321,8 +321,10 @@ def table(rows:list) -> str:
     return '\n'.join(lines)
 
 def write(res:dict, out:Path):
+    "Write <out>.json and <out>.md, every machine path made portable (`execute.portable`: results are committed)."
+    from vqflow_nb.execute import portable
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(res, indent=1, default=str) + '\n')
+    out.with_suffix('.json').write_text(portable(json.dumps(res, indent=1, default=str)) + '\n')
     notes = [f"# Dress rehearsal{' (smoke: tiny sizes, not a measurement)' if res['smoke'] else ''}", '',
              f"`{res['command']}`; data: MVTec-sized synthetic preset, scale {res['scale']} (counts), size_scale {res['size_scale']} "
              f"(sides), {res['n_train']} training / {res['n_test']} test images in {len(res['classes'])} classes; "
@@ -338,7 +340,7 @@ def write(res:dict, out:Path):
                       "random weights — the same network, the same speed and memory; the metrics of these runs are not results."]
     notes += [''] + [f"- {r['method']}: authors' loop {r['authors']['why']}" for r in res['rows'] if not r['authors'].get('available')]
     notes += [f"- {r['method']}: {r['status']} ({r['error']}: {r['message']})" for r in res['rows'] if r['status'] != 'ok']
-    out.with_suffix('.md').write_text('\n'.join(notes).rstrip() + '\n')
+    out.with_suffix('.md').write_text(portable('\n'.join(notes).rstrip()) + '\n')
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -70,7 +70,9 @@ def test_smoke_writes_a_row_per_method(tmp_path):
             assert isinstance(r[k], (int, float)) and math.isfinite(r[k]) and r[k] > 0, (r['method'], k, r[k])
         assert r['n_validations'] == dr.n_validations(r['schedule']['epochs'], r['schedule']['eval_every'])
         assert r['authors']['available'] is False
+    from vqflow_nb.execute import find
     md = (tmp_path/'dr.md').read_text()
+    assert find(md) == [] and find((tmp_path/'dr.json').read_text()) == []   # committed later: no machine paths
     for m in ('vqflow', 'hgad', 'hvqtrans'): assert sum(l.startswith(f'| {m} |') for l in md.splitlines()) == 1
 
 
