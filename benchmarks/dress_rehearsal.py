@@ -201,8 +201,8 @@ def measure(run_dir:Path, seen:dict, t_call:float, extract_start:float|None=None
     import pandas as pd
     est = json.loads((run_dir/'estimate.json').read_text()) if (run_dir/'estimate.json').exists() else None
     hist = pd.read_csv(run_dir/'history.csv')['seconds'].tolist() if (run_dir/'history.csv').exists() else []
-    walls = [seen[e + 1] - seen[e] for e in range(len(hist)) if e in seen and e + 1 in seen]
-    vals = [w - h for w, h in zip(walls, hist)]
+    # an epoch's wall time (training, validation, checkpoint) less its training time, for every epoch seen to start and end
+    vals = [seen[e + 1] - seen[e] - hist[e] for e in range(len(hist)) if e in seen and e + 1 in seen]
     later = lambda xs: xs[1:] if len(xs) >= 2 else xs   # past the first epoch's warm-up when there is more than one
     s_epoch = _median(later(hist)) if hist else (est or {}).get('train_seconds_per_epoch')
     s_val = _median(later(vals)) if vals else (est or {}).get('eval_seconds')

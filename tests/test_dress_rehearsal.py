@@ -101,3 +101,16 @@ def test_gpu_script_passes_only_known_flags():
     flags = set(re.findall(r'(?<![\w-])--[a-z][a-z-]+', call + tiny))
     known = {o for a in dr.parser()._actions for o in a.option_strings}
     assert flags and flags <= known, flags - known
+
+
+def test_measure_reads_the_records(tmp_path):
+    "Seconds per epoch: history past the first epoch; per validation: epoch wall time (polled) less training; set-up: to epoch 0."
+    (tmp_path/'history.csv').write_text('epoch,seconds\n0,9.0\n1,4.0\n2,6.0\n')
+    (tmp_path/'estimate.json').write_text(json.dumps(dict(train_seconds_per_epoch=9.0, eval_seconds=3.0)))
+    seen = {0: 110.0, 2: 130.0, 3: 140.0}   # the end of epoch 0 (start of 1) was not seen: only epoch 2's wall is known
+    m = dr.measure(tmp_path, seen, 100.0, extract_start=104.0)
+    assert m['s_epoch'] == 5.0 and m['validation_seconds'] == [4.0] and m['s_val'] == 4.0
+    assert m['setup_s'] == 10.0 and m['extract_s'] == 6.0
+    (tmp_path/'history.csv').unlink()   # a run stopped at its cap: the first epoch's estimate
+    m = dr.measure(tmp_path, {0: 110.0}, 100.0)
+    assert (m['s_epoch'], m['s_val'], m['extract_s']) == (9.0, 3.0, None)
