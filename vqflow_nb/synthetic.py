@@ -5,18 +5,19 @@
 # %% ../nbs/01a_synthetic.ipynb #268b82ff
 from __future__ import annotations
 import csv, json, os, shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from .core import file_lock
 from pathlib import Path
+from tqdm.auto import tqdm
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import binary_erosion, map_coordinates
 
 # %% auto #0
 __all__ = ['SYNTH_CLASSES', 'SYNTH_OBJECTS', 'SYNTH_DEFECTS', 'BENCH_OBJECTS', 'BENCH_CLASSES', 'BENCH_DEFECTS',
-           'DEFECT_DIFFICULTY', 'LAYOUTS', 'SYNTH_PRESETS', 'FIXTURE_LAYOUTS', 'defect_kinds', 'synth_image',
-           'make_synthetic', 'write_fixture']
+           'DEFECT_DIFFICULTY', 'LAYOUTS', 'SYNTH_PRESETS', 'MVTEC_SIZED', 'FIXTURE_LAYOUTS', 'defect_kinds',
+           'synth_image', 'make_synthetic', 'mvtec_sized_plan', 'write_fixture']
 
 # %% ../nbs/01a_synthetic.ipynb #f95bc842
 SYNTH_CLASSES = ("stripes", "wood", "leather", "bottle", "bar")  # 3 textures + 2 objects, as MVTec mixes both
@@ -357,7 +358,7 @@ def _save(arr, path, jpg=False):
 # %% ../nbs/01a_synthetic.ipynb #2c52aac6
 def _preset_counts(preset:str, n_train, n_test_good, n_test_bad) -> tuple[dict, tuple]:
     "The preset's settings and the (train, test good, test defective) images per class, the preset's where None."
-    if preset not in SYNTH_PRESETS: raise ValueError(f"unknown preset {preset!r}; expected one of {list(SYNTH_PRESETS)}")
+    if preset not in SYNTH_PRESETS: raise ValueError(f"unknown preset {preset!r}; expected one of {[*SYNTH_PRESETS, 'mvtec_sized']}")
     P = SYNTH_PRESETS[preset]
     return P, tuple(P[k] if v is None else v for k, v in
                     [("n_train", n_train), ("n_test_good", n_test_good), ("n_test_bad", n_test_bad)])
@@ -447,10 +448,19 @@ def make_synthetic(root:str|Path, # folder to write into (created)
                    seed:int=0, # fixes every pixel
                    layout:str="mvtec", # "mvtec", "visa_mvtec" or "visa_csv" (see the table above)
                    overwrite:bool=False, # rebuild even if `root` holds this build; needed if it holds another
-                   preset:str="default", # "default" (the smoke set) or "benchmark", see `SYNTH_PRESETS`
+                   preset:str="default", # "default" (the smoke set), "benchmark" (see `SYNTH_PRESETS`) or "mvtec_sized" (`MVTEC_SIZED`)
+                   scale:float=1.0, # mvtec_sized: multiplies every count (at least one image of each kind is kept)
+                   size_scale:float=1.0, # mvtec_sized: multiplies every class's image side (at least 32 px)
+                   workers:int|None=None, # mvtec_sized: processes drawing the images; None = every core, 1 = in this process
+                   progress:bool=True, # mvtec_sized: a progress bar over its images
                   ) -> Path:
     "Write a seeded synthetic multi-class anomaly dataset under `root` in a real dataset layout; return `root`."
     root = Path(root)
+    if preset == "mvtec_sized":
+        if (n_train, n_test_good, n_test_bad, size, layout) != (None, None, None, 256, "mvtec"):
+            raise ValueError("preset 'mvtec_sized' has MVTec AD's own counts, sides and layout: scale them with scale= "
+                             "and size_scale=, not n_train/n_test_good/n_test_bad/size/layout")
+        return _make_mvtec_sized(root, classes, scale, size_scale, seed, overwrite, workers, progress)
     P, (n_train, n_test_good, n_test_bad) = _preset_counts(preset, n_train, n_test_good, n_test_bad)
     # nbdev_test runs notebooks in parallel and several build the same default dataset: one builder at a time
     with file_lock(root.parent / f".{root.name}.lock"):
@@ -467,6 +477,88 @@ def make_synthetic(root:str|Path, # folder to write into (created)
             files += [name] + ([msk] if msk else [])
         with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex: list(ex.map(partial(_draw, root, size, P["imaging"]), jobs))
         if layout == "visa_csv": files.append(_write_visa_csv(root, rows))
+        (root / "synthetic.json").write_text(json.dumps(dict(params, files=files), indent=1))
+        return root
+
+# %% ../nbs/01a_synthetic.ipynb #a7e1c002
+# name: (training images, good test images, image side, greyscale, look, {defect kind: test images})
+# MVTec AD Table 1 (Bergmann et al., IJCV 2021; CVPR 2019) and the archive's test/<kind> folders; totals 3629 / 1725
+MVTEC_SIZED = dict(
+    bottle=(209, 20, 900, False, "bottle", dict(broken_large=20, broken_small=22, contamination=21)),
+    cable=(224, 58, 1024, False, "chip", dict(bent_wire=13, cable_swap=12, combined=11, cut_inner_insulation=14,
+                                             cut_outer_insulation=10, missing_cable=12, missing_wire=10, poke_insulation=10)),
+    capsule=(219, 23, 1000, False, "pill", dict(crack=23, faulty_imprint=22, poke=21, scratch=23, squeeze=20)),
+    carpet=(280, 28, 1024, False, "grid", dict(color=19, cut=17, hole=17, metal_contamination=17, thread=19)),
+    grid=(264, 21, 1024, True, "grid", dict(bent=12, broken=12, glue=11, metal_contamination=11, thread=11)),
+    hazelnut=(391, 40, 1024, False, "nut", dict(crack=18, cut=17, hole=18, print=17)),
+    leather=(245, 32, 1024, False, "leather", dict(color=19, cut=19, fold=17, glue=19, poke=18)),
+    metal_nut=(220, 22, 700, False, "nut", dict(bent=25, color=22, flip=23, scratch=23)),
+    pill=(267, 26, 800, False, "pill", dict(color=25, combined=17, contamination=21, crack=26, faulty_imprint=19,
+                                            pill_type=9, scratch=24)),
+    screw=(320, 41, 1024, True, "bar", dict(manipulated_front=24, scratch_head=24, scratch_neck=25, thread_side=23, thread_top=23)),
+    tile=(230, 33, 840, False, "tile", dict(crack=17, glue_strip=18, gray_stroke=16, oil=18, rough=15)),
+    toothbrush=(60, 12, 1024, False, "bar", dict(defective=30)),
+    transistor=(213, 60, 1024, False, "chip", dict(bent_lead=10, cut_lead=10, damaged_case=10, misplaced=10)),
+    wood=(247, 19, 1024, False, "wood", dict(color=8, combined=11, hole=10, liquid=10, scratch=21)),
+    zipper=(240, 32, 1024, True, "stripes", dict(broken_teeth=19, combined=16, fabric_border=17, fabric_interior=16,
+                                                 rough=17, split_teeth=18, squeezed_teeth=16)))
+
+# %% ../nbs/01a_synthetic.ipynb #a7e1c006
+def mvtec_sized_plan(scale:float=1.0, # multiplies every count (at least 1 image each)
+                     size_scale:float=1.0, # multiplies every image side (at least 32 px)
+                     classes:list|None=None, # a subset of `MVTEC_SIZED`; None = all 15
+                    ) -> dict:
+    "Per class: dict(train=, good=, side=, grey=, look=, kinds={kind: n}) of the MVTec-sized preset, scaled."
+    if not (0 < scale <= 1 and 0 < size_scale <= 1): raise ValueError(f"scale and size_scale must lie in (0, 1], got {scale}, {size_scale}")
+    classes = list(MVTEC_SIZED) if classes is None else list(classes)
+    if bad := [c for c in classes if c not in MVTEC_SIZED]: raise ValueError(f"unknown MVTec AD classes {bad}; expected a subset of {list(MVTEC_SIZED)}")
+    n = lambda k: max(1, int(round(k * scale)))
+    return {c: dict(train=n(tr), good=n(g), side=max(32, int(round(s * size_scale))), grey=grey, look=look,
+                    kinds={k: n(v) for k, v in kinds.items()})
+            for c, (tr, g, s, grey, look, kinds) in ((c, MVTEC_SIZED[c]) for c in classes)}
+
+# %% ../nbs/01a_synthetic.ipynb #a7e1c009
+_MVTEC_KINDS = ("blob", "scratch", "stain", "missing")  # the conspicuous kinds the defect kinds of a class take in turn
+
+def _mvtec_sized_jobs(plan:dict, seed:int) -> list:
+    "One job per image: (look, generator key, side, greyscale, kind of defect drawn or None, image path, mask path or None)."
+    jobs = []
+    for c, p in plan.items():
+        ci, look = list(MVTEC_SIZED).index(c), p["look"]
+        drawn = [k for k in _MVTEC_KINDS if k in defect_kinds(look)]
+        for i in range(p["train"]): jobs.append((look, [seed, ci, 0, i, 2], p["side"], p["grey"], None, f"{c}/train/good/{i:03d}.png", None))
+        for i in range(p["good"]): jobs.append((look, [seed, ci, 1, i, 2], p["side"], p["grey"], None, f"{c}/test/good/{i:03d}.png", None))
+        for ki, (kind, n) in enumerate(p["kinds"].items()):
+            for j in range(n):
+                jobs.append((look, [seed, ci, 2, ki, j, 2], p["side"], p["grey"], drawn[ki % len(drawn)],
+                             f"{c}/test/{kind}/{j:03d}.png", f"{c}/ground_truth/{kind}/{j:03d}_mask.png"))
+    return jobs
+
+def _draw_mvtec_sized(root:Path, job:tuple):
+    "Draw and write one image of the MVTec-sized preset (and its mask)."
+    look, key, side, grey, kind, name, msk = job
+    img, m = synth_image(look, np.random.default_rng(key), side, kind, imaging=True)
+    if grey: img = np.asarray(Image.fromarray(img).convert("L"))  # MVTec AD's grid, screw and zipper: one channel
+    _save(img, root / name)
+    if msk: _save((m * 255).astype(np.uint8), root / msk)
+
+# %% ../nbs/01a_synthetic.ipynb #a7e1c011
+def _make_mvtec_sized(root:Path, classes, scale:float, size_scale:float, seed:int, overwrite:bool, workers, progress:bool) -> Path:
+    "Write the MVTec-sized preset (`make_synthetic(root, preset='mvtec_sized')`); reuse a complete identical build."
+    plan = mvtec_sized_plan(scale, size_scale, classes)
+    params = dict(version=1, preset="mvtec_sized", classes=list(plan), scale=scale, size_scale=size_scale, seed=seed, layout="mvtec")
+    with file_lock(root.parent / f".{root.name}.lock"):
+        if _reuse_or_clear(root, params, "mvtec_sized", list(plan), overwrite): return root
+        jobs = _mvtec_sized_jobs(plan, seed)
+        workers = max(1, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+        draw = partial(_draw_mvtec_sized, root)
+        with tqdm(total=len(jobs), desc=f"mvtec_sized ({len(plan)} classes)", unit="img", disable=not progress) as bar:
+            if workers == 1:
+                for j in jobs: draw(j); bar.update()
+            else:
+                with ProcessPoolExecutor(workers) as ex:
+                    for _ in ex.map(draw, jobs, chunksize=4): bar.update()
+        files = [f for j in jobs for f in (j[5], j[6]) if f]
         (root / "synthetic.json").write_text(json.dumps(dict(params, files=files), indent=1))
         return root
 
