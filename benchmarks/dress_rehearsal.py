@@ -287,8 +287,10 @@ def rehearse(method:str, args, data_root:Path, work:Path, engine:str) -> dict:
         row['projected_train_hours'] = ((f['setup_s'] or 0.0) + sch['epochs'] * f['s_epoch']) / 3600
         row['n_validations'] = n_validations(sch['epochs'], sch['eval_every'])
     # what a validation of the whole test set holds in host memory (not seen at a reduced scale): every test map
-    # (float32) and mask (bool) at the input size, the runner's mask resolution (`metrics.MetricAccumulator`)
-    row['metric_store_gb_full'] = full['n_test'] * params['image_size'] ** 2 * 5 / 1024 ** 3 if params['image_size'] else None
+    # (float32) and mask (bool) at the run's mask size (the method's authors': HGAD's 256, else the input size)
+    from vqflow_nb.method import method_spec
+    side = params.get('mask_size') or method_spec(method).data['mask_size'] or params['image_size']
+    row['metric_store_gb_full'] = full['n_test'] * side ** 2 * 5 / 1024 ** 3 if side else None
     import torch
     a = authors_side(method, args.authors, args.device or ('cuda' if torch.cuda.is_available() else 'cpu'), args.authors_steps)
     if a.get('available') and row.get('full'):
