@@ -534,8 +534,13 @@ def method_module(method:str):
     return importlib.import_module(dict(hgad='authors_hgad', hvqtrans='authors_hvqtrans')[method])
 
 def equality_ok(M, e:dict) -> dict:
-    "Each equality row against the module's tolerance: {row: bool}."
-    return {k: bool(e[k] <= M.TOLERANCE[k]) for k in M.ROWS if k in e}
+    """Each equality row against the module's tolerance: {row: True | False | 'near-tie'}. 'near-tie': the row is beyond
+    tolerance only through code assignments that flipped at float32 near-ties (HVQ-Trans, `authors_hvqtrans._flips`)."""
+    ex = getattr(M, 'explained', lambda e: False)(e)
+    return {k: True if e[k] <= M.TOLERANCE[k] else ('near-tie' if ex and k in getattr(M, 'AFTER_FLIP', ()) else False)
+            for k in M.ROWS if k in e}
+
+def all_equal(eq:dict) -> bool: return all(v is True or v == 'near-tie' for v in eq.values())
 
 def run_method(args):
     "`--method hgad|hvqtrans`: equality first, then alternating timings, then memory per side in its own process."
@@ -554,7 +559,7 @@ def run_method(args):
     e = M.equivalence(S)
     res['equivalence'], res['tolerance'], res['equal'] = e, M.TOLERANCE, equality_ok(M, e)
     print('equivalence', e, '\nwithin tolerance', res['equal'], flush=True)
-    if not all(res['equal'].values()): print('WARNING: some equality rows exceed their tolerance', flush=True)
+    if not all_equal(res['equal']): print('WARNING: some equality rows exceed their tolerance', flush=True)
     if not args.no_timing:
         sd = M.sides(S, variants)
         refs = [k for k, d in sd.items() if d['kind'] == 'theirs']
@@ -587,6 +592,9 @@ def method_memory_child(args, M):
         if args.method == 'hgad': S['their_feats'] = None; th.nfs = []; th.optimizer = None
         del th
     del sd; gc.collect()
+    try:   # give the dropped side's freed pages back to the system, so the kept side's peak is its own
+        import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except Exception: pass
     res = dict(side=side)
     for mode in ('inference', 'train'):
         fn = keep['infer' if mode == 'inference' else 'train']
@@ -610,7 +618,9 @@ def _method_md(res:dict, M) -> list:
          f"(and every buffer) copied from their model into ours.", '',
          '## Same numbers (checked first)', '', '| quantity | max abs difference | tolerance | within |', '|---|---|---|---|']
     for k in M.ROWS:
-        if k in e: L.append(f"| {k} | {e[k]:.3g} | {M.TOLERANCE[k]:g} | {'yes' if res['equal'].get(k) else '**no**'} |")
+        if k in e:
+            ok = res['equal'].get(k)
+            L.append(f"| {k} | {e[k]:.3g} | {M.TOLERANCE[k]:g} | {'yes' if ok is True else 'after near-tie flips' if ok == 'near-tie' else '**no**'} |")
     L += ['', 'Quantities: ' + M.equivalence.__doc__.strip().replace('\n   ', ''), '']
     if 'loss_theirs' in e: L += [f"(loss theirs {e['loss_theirs']}, ours {e['loss_ours']}; image scores of order {e.get('image_score_scale', float('nan')):.3g}.)", '']
     if 'timing' in res:
@@ -661,7 +671,7 @@ def update_combined(res:dict, out:Path):
     e = res['equivalence']
     L = [start, f"## {name} against the authors' code (`--method {res['method']} --size {res['size']}`)", '',
          f"Full output: `{out.name}.md`. Equality rows (max |theirs - ours|): " +
-         ', '.join(f"{k} {e[k]:.2g}" for k in res['equal']) + f" — all within tolerance: {'yes' if all(res['equal'].values()) else 'NO'}.", '']
+         ', '.join(f"{k} {e[k]:.2g}" for k in res['equal']) + f" — all within tolerance: {'yes' if all(v is True for v in res['equal'].values()) else 'yes, apart from rows moved by near-tie code flips' if all_equal(res['equal']) else 'NO'}.", '']
     if 'timing' in res:
         L += ['| what | theirs | ours | rounds | theirs / ours, median | min | max | theirs (s) | ours (s) |', '|---|---|---|---|---|---|---|---|---|']
         for what, d in res['timing'].items():
