@@ -39,13 +39,15 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 def grid_of(a:argparse.Namespace) -> dict:
-    "The grid a command line asks for: its --config file, or one --notebook with its methods, seeds and -p parameters."
-    if a.config: return load_grid(a.config)
+    "The grid a command line asks for: its --config file (every run taking the -p parameters over its own), or one --notebook with its methods, seeds and -p parameters."
     params = {}
     for p in a.param:
         k, eq, v = p.partition('=')
         if not eq: raise ValueError(f"-p {p!r}: expected NAME=VALUE")
         params[k] = parse_param(k, v)
+    if a.config:   # e.g. --config replicate/mvtec_ad.yaml -p data_root=/my/mvtec: the grid's runs on the user's data
+        g = load_grid(a.config)
+        return dict(g, runs=[dict(r, parameters={**(r.get('parameters') or {}), **params}) for r in g['runs']])
     return dict(runs=[dict(notebook=a.notebook, dataset=a.dataset or Path(a.notebook).stem, methods=a.method or ['vqflow'],
                            seeds=a.seed or [9826], parameters=params)])
 

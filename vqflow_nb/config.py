@@ -33,6 +33,7 @@ class RunConfig:
     backbone:str|None = None # None: the method's offline preset (packaged EfficientNet-Lite0); an authors' preset or a timm name
     weights:str|None = None # None: the preset's ('offline' or 'timm'); a checkpoint path, or 'random'
     image_size:int|None = None # None: the preset's (or the profile's)
+    mask_size:int|None = None # side of the test masks and maps; None: the authors' (HGAD 256), else the input size
     epochs:int|None = None # None: the method's own (VQ-Flow 60, HGAD 200, HVQ-Trans 1000)
     batch_size:int|None = None # None: the method's own (VQ-Flow 16, HGAD 8, HVQ-Trans 32)
     lr:float|None = None # None: the method's own (VQ-Flow 1e-4, HGAD 2e-4, HVQ-Trans 1e-4)
@@ -48,7 +49,7 @@ class RunConfig:
 
 # %% ../nbs/30_config.ipynb #631f8c15
 PARAMETERS = tuple(f.name for f in fields(RunConfig)) # the names a replication notebook, a grid entry and `-p` take
-_TYPES = dict(classes=list, image_size=int, epochs=int, batch_size=int, lr=float, warmup_epochs=int, eval_every=int,
+_TYPES = dict(classes=list, image_size=int, mask_size=int, epochs=int, batch_size=int, lr=float, warmup_epochs=int, eval_every=int,
               seed=int, time_limit=float)
 
 def parse_param(name:str, text:str):

@@ -21,7 +21,7 @@ __all__ = ['MVTEC_CLASSES', 'VISA_CLASSES', 'BTAD_CLASSES', 'MPDD_CLASSES', 'MVT
            'scan_visa_csv', 'scan_btad', 'scan_mvtec3d', 'scan_mvtec_ad2', 'unlabeled_images', 'RealIADRoot',
            'realiad_root', 'scan_realiad', 'DatasetUnion', 'union_of', 'split_union_classes', 'scan_union', 'as_root',
            'detect_format', 'scan_dataset', 'split_files', 'open_image', 'open_mask', 'check_image_file', 'Sample',
-           'AnomalyDataset', 'collate_samples']
+           'AnomalyDataset', 'crop_geometry', 'collate_samples']
 
 # %% ../nbs/01_data.ipynb #a508fb40
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -320,11 +320,15 @@ def scan_mvtec3d(root:str|Path, split:str, classes:list[str]|None=None) -> list[
     return _scan_tree(root, split, classes, "mvtec3d")
 
 def scan_mvtec_ad2(root:str|Path, split:str, classes:list[str]|None=None) -> list[Record]:
-    "List the images of MVTec AD 2: train/good for training, test_public for testing (the private sets have no labels)."
-    if split in _PRIVATE or split == "validation":
-        why = ("has no labels: MVTec scores it on its benchmark server (benchmark.mvtec.com); this suite never evaluates it"
-               if split in _PRIVATE else "holds normal images for choosing thresholds, not a test set")
-        raise DatasetError(f"MVTec AD 2's {split!r} set of {root} {why}; use split 'train' or 'test' (= test_public)")
+    "List the images of MVTec AD 2: train/good, test_public as 'test', validation/good (normal only, for thresholds) as 'validation'."
+    if split in _PRIVATE:
+        raise DatasetError(f"MVTec AD 2's {split!r} set of {root} has no labels: MVTec scores it on its benchmark server "
+                           "(benchmark.mvtec.com); this suite never evaluates it; use split 'train', 'test' (= test_public) or 'validation'")
+    if split == "validation":   # normal images only: where the SegF1 threshold is chosen (MVTec AD 2 paper, Heckler-Kram et al. 2025)
+        root, tree = _check_root(root), replace(_TREES["mvtec_ad2"], train="validation/good")
+        recs = [replace(r, split="validation") for c in _mvtec_classes(root, classes, tree) for r in _scan_train(root / c, c, tree)]
+        _check_unique_files(recs)
+        return recs
     return _scan_tree(root, split, classes, "mvtec_ad2")
 
 def unlabeled_images(root:str|Path, classes:list[str]|None=None) -> dict:
@@ -714,6 +718,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
                  image_size:int|tuple|None=256, # output (H,W) or side; None = keep the file's size
                  mask_size:int|tuple|None=None, # mask (H,W) or side; None = image_size
                  resample:str="lanczos", # image interpolation: LANCZOS as VQ-Flow [code]; "bilinear" as UniAD/HVQ-Trans
+                 crop:bool=False, # False: resize onto the square; True: shorter side to the size, then centre crop (HGAD [code])
                  verbose:bool=True, # print the per-class counts on load
                  class_index:dict|None=None, # name->index to reuse (e.g. the training set's); None = sorted classes
                  check_files:bool=True, # check every image and mask file at load (truncated files fail now, not mid-run)
@@ -732,7 +737,9 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.class_index = dict(class_index)
         df = _read_visa_csv(self.root) if self.fmt == "visa_csv" else None  # read the csv once, not once per class
         self.has_masks = {c: _class_has_masks(self.root, self.fmt, c, df) for c in self.classes}
-        self.image_size, self.mask_size, self.resample = _hw(image_size), _hw(mask_size), resample
+        self.image_size, self.mask_size, self.resample, self.crop = _hw(image_size), _hw(mask_size), resample, crop
+        for n, s in (("image_size", self.image_size), ("mask_size", self.mask_size)):
+            if crop and s is not None and s[0] != s[1]: raise DatasetError(f"crop=True needs a square {n}, got {s}")
         self._counts = None
         if verbose:
             print(f"{self.fmt} dataset {self.root}, split {split!r}: {len(self)} images, {len(self.classes)} classes")
@@ -740,17 +747,33 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     def __len__(self): return len(self.records)
 
+# %% ../nbs/01_data.ipynb #d6b8eedc
+def crop_geometry(hw:tuple, # (H, W) of the file
+                  size:int, # side of the square output
+                 ) -> tuple:
+    "`Resize(size)` + `CenterCrop(size)` as torchvision does them: the resized (H, W) and the PIL crop box (left, top, right, bottom)."
+    h, w = hw
+    rh, rw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)   # the shorter side becomes `size`
+    top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+    return (rh, rw), (left, top, left + size, top + size)
+
 # %% ../nbs/01_data.ipynb #10eaa48f
 @patch
 def __getitem__(self:AnomalyDataset, i:int) -> Sample:
     r = self.records[i]
     im = open_image(r.path)
     hw = (im.height, im.width)
-    if self.image_size is not None and self.image_size != hw:
+    if self.crop and self.image_size is not None:
+        (rh, rw), box = crop_geometry(hw, self.image_size[0])
+        im = im.resize((rw, rh), RESAMPLE[self.resample]).crop(box)
+    elif self.image_size is not None and self.image_size != hw:
         im = im.resize(self.image_size[::-1], RESAMPLE[self.resample])
     img = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1).contiguous()
     mhw = self.mask_size or self.image_size or hw
-    m = _sample_mask(r, hw, mhw)
+    if self.crop:   # the mask is resized and cropped like the image, at its own size
+        rhw, (l, t, r_, b) = crop_geometry(hw, mhw[0])
+        m = _sample_mask(r, hw, rhw)[t:b, l:r_]
+    else: m = _sample_mask(r, hw, mhw)
     return Sample(img, torch.from_numpy(m.astype(np.float32))[None], r.label, self.class_index[r.cls_name],
                   r.cls_name, str(r.path), self.has_masks[r.cls_name])
 

@@ -335,6 +335,7 @@ def dataset_fingerprint(ds) -> dict:
     s0 = ds[0]
     # how files become tensors (vqflow_nb.data.AnomalyDataset attributes, where present) changes the features too
     transform = {a: getattr(ds, a) for a in ('split', 'image_size', 'mask_size', 'resample', 'class_index') if hasattr(ds, a)}
+    if getattr(ds, 'crop', False): transform['crop'] = True   # only when set: the caches of uncropped datasets keep their keys
     # the cache stores labels and has-mask flags beside the features: a split file (VisA's csv, Real-IAD's JSON) that
     # relabels an image without moving it must not serve the old labels
     cached = dict(labels=hashlib.sha1(bytes(labels)).hexdigest(), has_masks=dict(getattr(ds, 'has_masks', {}) or {}))

@@ -16,13 +16,13 @@ from scipy.ndimage import gaussian_filter
 
 from .core import exists, default
 from .flows import hgad_flow, positional_encoding_2d, count_params, PosCond
-from .method import Method, Schedule, Scores, register_method
+from .method import Method, Schedule, Scores, register_method, Selection
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['VARIANTS', 'GCONST', 'AUTHORS', 'CPU_PROFILE', 'HGADConfig', 'init_main_centres', 'sq_dists', 'HierarchicalPrior',
-           'loss_g', 'smooth_onehot', 'loss_mi', 'loss_e', 'loss_g_intra', 'logp_per_dim', 'loss_z', 'hgad_losses',
-           'HGAD', 'meta_layout', 'hgad_lr_factor', 'anomaly_from_levels', 'build']
+__all__ = ['VARIANTS', 'GCONST', 'AUTHORS', 'PROTOCOL', 'CPU_PROFILE', 'HGADConfig', 'init_main_centres', 'sq_dists',
+           'HierarchicalPrior', 'loss_g', 'smooth_onehot', 'loss_mi', 'loss_e', 'loss_g_intra', 'logp_per_dim',
+           'loss_z', 'hgad_losses', 'HGAD', 'meta_layout', 'hgad_lr_factor', 'anomaly_from_levels', 'build']
 
 # %% ../nbs/11_hgad.ipynb #5b273790
 VARIANTS = ('code', 'paper', 'torch1', 'label_free')
@@ -318,6 +318,15 @@ def stage2(self:HGAD, epochs:int|None=None) -> bool:
 @patch
 def on_epoch_end(self:HGAD, epoch:int): self.passes_done.fill_(epoch + 1)
 
+# %% ../nbs/11_hgad.ipynb #0e37d2b7
+HGAD.selection = Selection(per_metric=('i_auroc', 'p_auroc'))   # [code] train.py:train, best_mean_img_auc / best_mean_pixel_auc, `>`
+HGAD.set_relative_scores = True   # `finalize_scores` divides by the class's maximum over the scored set
+
+@patch
+def scoring_protocol(self:HGAD, mask_size:int) -> dict:
+    s = self.cfg.sigma * (mask_size / self.cfg.sigma_ref if self.cfg.sigma_ref else 1.0)
+    return dict(image_score='max of the smoothed (likelihood x entropy) map', smoothing=float(s))
+
 # %% ../nbs/11_hgad.ipynb #4ba8786a
 @patch
 def _level_loss(self:HGAD, l:int, x:Tensor, cls:Tensor, stage2:bool) -> dict:
@@ -427,6 +436,24 @@ def load_authors_state(self:HGAD, sd:dict, # the authors' checkpoint dict (`torc
 # %% ../nbs/11_hgad.ipynb #3669ea57
 AUTHORS = dict(backbone='hgad', image_size=1024, epochs=200) # [code] main.py: tf_efficientnet_b6, --img_size 1024, 25 x 8 passes
 
+# the authors' protocol as their code runs it, {item: (value, source)}: `protocol.run_protocol` must resolve to it (30e_protocol)
+PROTOCOL = dict(
+    backbone=('tf_efficientnet_b6', 'models/model.py: timm tf_efficientnet_b6, out_indices [3]'),
+    pretrained=('timm', 'timm.create_model(..., pretrained=True)'),
+    input_size=(1024, 'main.py --img_size 1024'),
+    pyramid=((1024, 512, 256), 'models/model.py: the image at 1, 1/2 and 1/4 of its size'),
+    resize=('lanczos, shorter side then centre crop', 'datasets/mvtec.py: T.Resize(img_size, LANCZOS) + T.CenterCrop(img_size)'),
+    norm=('imagenet', 'datasets/mvtec.py: T.Normalize(IMAGENET_MEAN, IMAGENET_STD)'),
+    mask_size=(256, 'main.py --msk_size 256; datasets/mvtec.py: T.Resize(256, NEAREST) + T.CenterCrop(256)'),
+    smoothing=(4.0, 'train.py:convert_to_anomaly_scores: gaussian_filter(sigma=4)'),
+    image_score=('max of the smoothed (likelihood x entropy) map', 'train.py:validate'),
+    epochs=(200, 'main.py: 25 meta-epochs x 8 sub-epochs'),
+    batch_size=(8, 'main.py --batch_size 8'),
+    validation=('after passes 1, 2, 3, ..., 200 (200)', 'train.py:train: validate() inside the sub-epoch loop'),
+    best=('per metric (i_auroc, p_auroc), first maximum of the class mean', 'train.py:train: best_mean_img_auc, best_mean_pixel_auc'),
+    labels=('train+test', 'train.py: class labels in the losses; validate() picks the class\'s centres'),
+)
+
 def build(channels, # one width per pyramid level (`FeatureExtractor.channels`)
           *, variant:str='code', # '+'-joined switches of VARIANTS
           small:bool=False, # CPU-sized (`HGADConfig.small`) for the offline backbone
@@ -441,4 +468,5 @@ def build(channels, # one width per pyramid level (`FeatureExtractor.channels`)
 
 # %% ../nbs/11_hgad.ipynb #4c93c041
 CPU_PROFILE = dict(image_size=256, epochs=8, batch_size=8, lr=1e-3, eval_every=4) # measured on the embedded benchmark, 2 cores
-register_method('hgad', build, AUTHORS, offline='hgad_offline', cpu=CPU_PROFILE)
+register_method('hgad', build, AUTHORS, offline='hgad_offline', cpu=CPU_PROFILE, protocol=PROTOCOL,
+                data=dict(crop=True, mask_size=256))   # [code] datasets/mvtec.py: Resize + CenterCrop; main.py --msk_size 256

@@ -15,13 +15,13 @@ from einops import rearrange
 from fastcore.basics import patch
 from .core import exists, default
 from .codebooks import EMACodebook
-from .method import Method, Schedule, Scores, register_method
+from .method import Method, Schedule, Scores, register_method, Selection
 
 # %% auto #0
-__all__ = ['VARIANTS', 'LEVELS', 'AUTHORS', 'CPU_PROFILE', 'StaticSameConv2d', 'static_same_padding', 'set_drop_connect',
-           'set_bn_momentum', 'match_lukemelas', 'HVQTransConfig', 'PositionEmbedding', 'neighbour_mask',
-           'EncoderLayer', 'DecoderLayer', 'Encoder', 'HierarchicalDecoder', 'ClassCodebooks', 'pot_score', 'HVQTrans',
-           'hvq_maps', 'build']
+__all__ = ['VARIANTS', 'LEVELS', 'AUTHORS', 'PROTOCOL', 'CPU_PROFILE', 'StaticSameConv2d', 'static_same_padding',
+           'set_drop_connect', 'set_bn_momentum', 'match_lukemelas', 'HVQTransConfig', 'PositionEmbedding',
+           'neighbour_mask', 'EncoderLayer', 'DecoderLayer', 'Encoder', 'HierarchicalDecoder', 'ClassCodebooks',
+           'pot_score', 'HVQTrans', 'hvq_maps', 'build']
 
 # %% ../nbs/12_hvqtrans.ipynb #5b9144ab
 class StaticSameConv2d(nn.Conv2d):
@@ -459,12 +459,13 @@ def score(self:HVQTrans, feats:list, batch:dict|None=None, out_size:tuple|None=N
     q = self._quantise(es, cls)
     rec = self._decode(q['qs'], cls)
     err = (rec - target).pow(2).sum(1).sqrt()                                   # (B, h, w)
+    out_size = default(out_size, lambda: tuple(self.cfg.upsample * s for s in self.cfg.feature_size))
+    no_pot = hvq_maps(err, out_size, self.cfg.pool, self.cfg.upsample).image   # what the authors select on (HVQ_TR_switch, no POT)
     if self.cfg.ot_weight:
         ot = torch.stack([pot_score(q['f0'][i], self.codebooks.book(int(c), 'e0').codes, self.cfg.ot_temperature)
                           for i, c in enumerate(cls.tolist())])
         err = err + self.cfg.ot_weight * ot.view_as(err)
-    out_size = default(out_size, lambda: tuple(self.cfg.upsample * s for s in self.cfg.feature_size))
-    return hvq_maps(err, out_size, self.cfg.pool, self.cfg.upsample)
+    return hvq_maps(err, out_size, self.cfg.pool, self.cfg.upsample)._replace(parts=dict(no_pot=no_pot))
 
 # %% ../nbs/12_hvqtrans.ipynb #f1811b48
 @patch
@@ -473,7 +474,7 @@ def schedule(self:HVQTrans) -> Schedule:
     c = self.cfg
     return Schedule(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, optimizer='adamw', betas=(0.9, 0.999),
                     weight_decay=c.weight_decay, milestones=tuple(c.milestones), gamma=c.gamma, clip_grad=c.clip_grad,
-                    eval_every=c.eval_every, drop_last=False)
+                    eval_every=c.eval_every, eval_first=True, drop_last=False)   # [code] train_val.py: `epoch % val_freq_epoch == 0`
 
 @patch
 def on_epoch_end(self:HVQTrans, epoch:int):
@@ -488,8 +489,34 @@ def on_epoch_end(self:HVQTrans, epoch:int):
     if not hasattr(self, 'usage_history'): self.usage_history = []
     self.usage_history.append(dict(epoch=epoch, **{l: u['codes_used'] for l, u in self.usage.items()}))
 
+# %% ../nbs/12_hvqtrans.ipynb #8e043c0b
+HVQTrans.selection = Selection(joint=('i_auroc_no_pot',), ties='last')   # [code] tools/train_val.py: key_metric mean_max_auc, `>=`
+HVQTrans.extra_image_scores = ('no_pot',)
+
+@patch
+def scoring_protocol(self:HVQTrans, mask_size:int) -> dict:
+    return dict(image_score=f'max of the {self.cfg.pool}x{self.cfg.pool} mean-pooled map (POT weight {self.cfg.ot_weight:g})', smoothing=0.0)
+
 # %% ../nbs/12_hvqtrans.ipynb #0edb3ef5
 AUTHORS = dict(backbone='hvqtrans', image_size=224, epochs=1000)   # [code] config.yaml: B4 at 224, max_epoch 1000
+
+# the authors' protocol as their code runs it, {item: (value, source)}: `protocol.run_protocol` must resolve to it (30e_protocol)
+PROTOCOL = dict(
+    backbone=('tf_efficientnet_b4.aa_in1k', "models/backbones/efficientnet: lukemelas' efficientnet-b4-6ed6700e.pth, the same checkpoint (docs/hvqtrans.md)"),
+    pretrained=('timm', 'their efficientnet_pytorch loader downloads it; ours: timm'),
+    input_size=(224, 'config.yaml input_size [224, 224]'),
+    pyramid=(None, 'blocks 1, 5, 9, 21 of one image'),
+    resize=('bilinear, onto the square', 'datasets/base_dataset.py:TestBaseTransform: transforms.Resize([224, 224], BILINEAR) on the PIL image'),
+    norm=('imagenet', 'config.yaml pixel_mean / pixel_std'),
+    mask_size=(224, 'datasets/base_dataset.py:TestBaseTransform: transforms.Resize(input_size, NEAREST)'),
+    smoothing=(0.0, 'no filter'),
+    image_score=('max of the 16x16 mean-pooled map (POT weight 80)', 'config.yaml avgpool_size [16, 16]; HVQ_TR_switch_OT: pred + 80 * ot'),
+    epochs=(1000, 'config.yaml max_epoch 1000'),
+    batch_size=(32, 'config.yaml batch_size 16 per GPU, 2 GPUs in the shipped log'),
+    validation=('after passes 1, 11, 21, ..., 991 (100)', 'tools/train_val.py: epoch % val_freq_epoch == 0, val_freq_epoch 10'),
+    best=('one evaluation: highest class-mean i_auroc_no_pot, last maximum', 'tools/train_val.py: key_metric mean_max_auc of HVQ_TR_switch, is_best = >='),
+    labels=('train+test', 'models/HVQ_TR_switch.py: clslabel picks the codebooks and heads'),
+)
 
 def build(channels:list, # the extractor's channels: one concatenated map, e.g. [272] (B4) or [192] (offline Lite0)
           *, variant:str='code', # tokens of `VARIANTS` joined by '+'
@@ -509,4 +536,5 @@ def build(channels:list, # the extractor's channels: one concatenated map, e.g. 
 
 # %% ../nbs/12_hvqtrans.ipynb #c4765ded
 CPU_PROFILE = dict(epochs=4, batch_size=8, lr=1e-3, eval_every=2) # measured on the embedded benchmark, 2 cores
-register_method('hvqtrans', build, AUTHORS, offline='hvqtrans_offline', cpu=CPU_PROFILE)
+register_method('hvqtrans', build, AUTHORS, offline='hvqtrans_offline', cpu=CPU_PROFILE, protocol=PROTOCOL,
+                data=dict(resample='bilinear'))   # [code] datasets/base_dataset.py: Resize(224, BILINEAR)

@@ -13,7 +13,8 @@ from torch import nn
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['LABEL_USES', 'METHODS', 'Scores', 'Schedule', 'Method', 'MethodSpec', 'register_method', 'method_spec']
+__all__ = ['LABEL_USES', 'METHODS', 'DATA_DEFAULTS', 'Scores', 'Schedule', 'Selection', 'Method', 'MethodSpec', 'register_method',
+           'method_spec']
 
 # %% ../nbs/07_method.ipynb #13caf3c1
 class Scores(NamedTuple):
@@ -41,8 +42,17 @@ class Schedule:
     cosine_min:float = 1e-3
     clip_grad:float|None = None # max gradient norm (None: no clipping)
     eval_every:int = 1 # evaluate on the test set every this many epochs (and always after the last)
+    eval_first:bool = False # False: after (1-based) epochs k, 2k, ...; True: after epochs 1, k+1, 2k+1, ... (HVQ-Trans `epoch % k == 0`)
     drop_last:bool = True # VQ-Flow and HGAD drop the last incomplete batch (BatchNorm needs >= 2 samples)
     precision:str = 'fp32' # ours: 'fp32' (all three authors' runs), 'bf16' (autocast; CPU or CUDA) or 'fp16' (CUDA autocast + GradScaler)
+
+    def protocol_eval(self, epoch:int) -> bool:
+        "Whether the authors' loop validates after (0-based) `epoch`."
+        return (epoch if self.eval_first else epoch + 1) % self.eval_every == 0
+
+    def evaluates(self, epoch:int) -> bool:
+        "Whether the trainer evaluates after `epoch`: the authors' validation epochs, and always the last one (`last`)."
+        return self.protocol_eval(epoch) or epoch + 1 == self.epochs
 
     def lr_factor(self, epoch:int) -> float:
         "Multiplier of `lr` during (0-based) `epoch`."
@@ -55,6 +65,18 @@ class Schedule:
             f *= self.cosine_min + (1 - self.cosine_min) * 0.5 * (1 + math.cos(math.pi * t))
         return f
 
+# %% ../nbs/07_method.ipynb #0c882756
+@dataclass(frozen=True)
+class Selection:
+    "How a method's authors choose the evaluation they report as best (the runner reports `last` beside it)."
+    joint:tuple = ('i_auroc', 'p_auroc') # one best epoch: the highest sum of these mean metrics (a pixel metric is dropped where there are no masks)
+    ties:str = 'first' # 'first': a later evaluation must be strictly better (`>`); 'last': equal is enough (`>=`)
+    per_metric:tuple = () # metrics whose best mean value and epoch the authors keep separately
+
+    def better(self, new:float, old:float|None) -> bool:
+        "Whether an evaluation scoring `new` replaces the best so far (scoring `old`; None: there is none)."
+        return old is None or (new >= old if self.ties == 'last' else new > old)
+
 # %% ../nbs/07_method.ipynb #817d5509
 LABEL_USES = ('no', 'train', 'train+test') # how a method uses the ground-truth class: never / in training / in training and at test time
 
@@ -64,6 +86,9 @@ class Method(nn.Module):
     needs_images:bool = False # True: the method runs its backbone itself on images (`ImageStore`), not on cached features
     find_unused_parameters:bool = False # DDP's flag, for methods whose loss leaves some parameters unused
     cfg = None # the method's configuration dataclass (recorded in metrics.json as it ran); None: it has none
+    selection:Selection = Selection() # how its authors pick the best evaluation (default: ours, mean image + pixel AUROC)
+    extra_image_scores:tuple = () # `Scores.parts` keys holding another image score per item: the metric table adds `i_auroc_<key>`
+    set_relative_scores:bool = False # True: scores are normalised over each scored set (HGAD), so a threshold from one set does not carry to another
 
     def schedule(self) -> Schedule: return Schedule()
     def loss(self, feats:list, batch:dict) -> dict:
@@ -108,6 +133,11 @@ def run_record(self:Method, test_store) -> dict:
     "What the method adds to its run's record after training (JSON-able; `metrics.json` `method_record`); default: nothing."
     return {}
 
+@patch
+def scoring_protocol(self:Method, mask_size:int) -> dict:
+    "How the method turns maps into scores at this mask size, in words the protocol table shows (`image_score`, `smoothing`); default: nothing said."
+    return {}
+
 # %% ../nbs/07_method.ipynb #87a733cc
 @dataclass(frozen=True)
 class MethodSpec:
@@ -117,12 +147,19 @@ class MethodSpec:
     authors:dict # the authors' backbone preset, image_size and epochs (a run with these on the whole data set is 'faithful')
     offline:str # the feature preset of the embedded default (packaged weights, CPU-sized)
     cpu:dict # the `cpu` schedule profile: run parameters that replace the method's own
+    data:dict # how the authors turn files into tensors: `AnomalyDataset` settings (resample, crop, mask_size) the runner uses
+    protocol:dict # the authors' protocol, {item: (value, source)}: what `protocol.run_protocol` must resolve to at their preset
 
 METHODS = {}
 
-def register_method(name:str, build:Callable, authors:dict, offline:str='offline', cpu:dict|None=None) -> MethodSpec:
+DATA_DEFAULTS = dict(resample='lanczos', crop=False, mask_size=None) # LANCZOS onto the square input, masks at the input size (VQ-Flow `datasets.py`)
+
+def register_method(name:str, build:Callable, authors:dict, offline:str='offline', cpu:dict|None=None,
+                    data:dict|None=None, protocol:dict|None=None) -> MethodSpec:
     "Register (or re-register) the method `name`."
-    METHODS[name] = spec = MethodSpec(name, build, dict(authors), offline, dict(cpu or {}))
+    if bad := set(data or {}) - set(DATA_DEFAULTS): raise ValueError(f"register_method({name!r}): unknown data settings {sorted(bad)}")
+    METHODS[name] = spec = MethodSpec(name, build, dict(authors), offline, dict(cpu or {}), {**DATA_DEFAULTS, **(data or {})},
+                                      dict(protocol or {}))
     return spec
 
 def method_spec(name:str) -> MethodSpec:

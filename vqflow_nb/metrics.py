@@ -399,6 +399,53 @@ def _kind_pixel_auroc(mk:np.ndarray, mp:np.ndarray) -> float:
     if not mk.any() or mk.all(): return float("nan")
     return _roc_pr_from_sorted(*_sort_desc(mp.ravel(), mk.ravel()))["p_auroc"]
 
+# %% ../nbs/03_metrics.ipynb #a1d7c0e2
+def _f32_order(s:np.ndarray) -> np.ndarray:
+    "An order-preserving uint32 image of float32 scores (as in `_sort_desc`; -0.0 folded into 0.0): equal keys <-> equal scores."
+    u = np.add(s, np.float32(0), dtype=np.float32).view(np.uint32)   # a new array: the caller's maps stay as they are
+    neg = u >= np.uint32(0x80000000)
+    np.bitwise_or(u, np.uint32(0x80000000), out=u); np.invert(u, out=u, where=neg)
+    return u
+
+def _pair_count(a:np.ndarray, b_sorted:np.ndarray) -> int:
+    "Sum over a of #(b < a) + #(b <= a) (`b_sorted` ascending): twice the pairs a > b, ties counted once."
+    if not (len(a) and len(b_sorted)): return 0
+    return int(np.searchsorted(b_sorted, a, "left").sum(dtype=np.int64)) + int(np.searchsorted(b_sorted, a, "right").sum(dtype=np.int64))
+
+# %% ../nbs/03_metrics.ipynb #a1d7c0e4
+def _kind_pixel_aurocs(mk:np.ndarray, # (n,H,W) bool masks of one class's images
+                       mp:np.ndarray, # (n,H,W) float32/float64 maps
+                       code:np.ndarray, # (n,) int: 0 good image, k = 1..n_kinds an image of kind k
+                       n_kinds:int,
+                      ) -> np.ndarray:
+    "(n_kinds,) pixel AUROC of the pool good + kind-k images for every kind, from one sort; NaN for a pool without both pixel labels."
+    code, hw = np.asarray(code, np.uint64), mk[0].size
+    if mp.dtype == np.float32:   # one value sort of packed keys: code (bits 33+) | score (bits 1-32) | label (bit 0)
+        key = _f32_order(mp.ravel()).astype(np.uint64)
+        key <<= np.uint64(1); key |= mk.ravel()
+        key.reshape(len(code), hw)[...] |= (code << np.uint64(33))[:, None]
+        key.sort()
+        b = np.searchsorted(key, np.arange(n_kinds + 2, dtype=np.uint64) << np.uint64(33))   # run k = key[b[k]:b[k+1]]
+        def run(k):
+            seg = key[b[k]:b[k + 1]]; pos = (seg & np.uint64(1)).astype(bool)
+            v = ((seg >> np.uint64(1)) & np.uint64(0xFFFFFFFF)).astype(np.uint32)      # the score keys alone
+            return v[pos], v[~pos]
+    else:                        # float64: the same order by a lexsort
+        c = np.repeat(code, hw); o = np.lexsort((mp.ravel(), c))
+        s_s, pos_s = mp.ravel()[o], mk.ravel()[o]
+        b = np.searchsorted(c[o], np.arange(n_kinds + 2, dtype=np.uint64)); del c, o
+        def run(k): s, p = s_s[b[k]:b[k + 1]], pos_s[b[k]:b[k + 1]]; return s[p], s[~p]
+    gp, gn = run(0)              # (anomalous, normal) pixels of the good images, ascending
+    out = np.full(n_kinds, np.nan)
+    for k in range(1, n_kinds + 1):
+        if b[k] == b[k + 1]: continue   # no image of kind k in this class
+        kp, kn = run(k)
+        P, N = len(gp) + len(kp), len(gn) + len(kn)
+        if not (P and N): continue      # the pool has one pixel label only
+        num = _pair_count(kp, kn) + _pair_count(kp, gn) + _pair_count(gp, kn) + _pair_count(gp, gn)
+        out[k - 1] = float(np.int64(num) / (2.0 * P * N))   # the division of `_roc_pr_from_sorted`
+    return out
+
 # %% ../nbs/03_metrics.ipynb #995bf914
 def defect_kind_metrics(labels, # (N,) 0 = normal, 1 = anomalous
                         scores, # (N,) image scores, higher = more anomalous
@@ -418,17 +465,21 @@ def defect_kind_metrics(labels, # (N,) 0 = normal, 1 = anomalous
         mp = _check_finite(_as_maps(maps, "maps"), "maps"); mk = _as_masks(masks, mp.shape)
         if len(mp) != n: raise ValueError(f"maps: {len(mp)} maps for {n} labels")
         if mp.dtype not in (np.float32, np.float64): mp = mp.astype(np.float32)
-    rows = {}
-    for k in sorted(set(kinds[y])):
-        ia, pa, nd, ng, nc = [], [], 0, 0, 0
-        for g in np.unique(groups):
-            good, bad = (groups == g) & ~y, (groups == g) & y & (kinds == k)
-            if not (good.any() and bad.any()): continue   # a class without this kind (or without good images)
-            idx = good | bad
-            ia.append(roc_auc_score(y[idx], s[idx]))
-            pa.append(_kind_pixel_auroc(mk[idx], mp[idx]) if pixel else np.nan)
-            nd, ng, nc = nd + int(bad.sum()), ng + int(good.sum()), nc + 1
-        rows[k] = dict(i_auroc=_nanmean(ia), p_auroc=_nanmean(pa), n_defective=nd, n_good=ng, n_classes=nc)
+    klist = sorted(set(kinds[y])); kcode = {k: j + 1 for j, k in enumerate(klist)}
+    ia, pa, cnt = ({k: [] for k in klist} for _ in range(3))
+    for g in np.unique(groups):                    # one sort of the class's pixels serves all its kinds
+        member = groups == g; good = member & ~y
+        code = np.array([kcode[k] if a else 0 for a, k in zip(y[member], kinds[member])])
+        present = [k for k in klist if (code == kcode[k]).any()]
+        if not (good.any() and present): continue   # a class without good images (or without defects)
+        px = _kind_pixel_aurocs(mk[member], mp[member], code, len(klist)) if pixel else None
+        for k in present:
+            bad = member & y & (kinds == k)
+            ia[k].append(roc_auc_score(y[good | bad], s[good | bad]))
+            pa[k].append(px[kcode[k] - 1] if pixel else np.nan)
+            cnt[k].append((int(bad.sum()), int(good.sum())))
+    rows = {k: dict(i_auroc=_nanmean(ia[k]), p_auroc=_nanmean(pa[k]), n_defective=sum(d for d, _ in cnt[k]),
+                    n_good=sum(gd for _, gd in cnt[k]), n_classes=len(cnt[k])) for k in klist}
     return pd.DataFrame.from_dict(rows, orient="index", columns=["i_auroc", "p_auroc", "n_defective", "n_good", "n_classes"])
 
 # %% ../nbs/03_metrics.ipynb #387920fc

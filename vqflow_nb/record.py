@@ -5,11 +5,13 @@
 # %% ../nbs/30b_record.ipynb #8704c010
 from __future__ import annotations
 import csv, json, sys, time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
 from .core import exists, record
+from .protocol import selection_text
 
 # %% auto #0
 __all__ = ['METRIC_NAMES', 'RUN_KEYS', 'RESULT_KEYS', 'FAILURE_FIELDS', 'check_metrics', 'table_dict', 'loss_flattened',
@@ -21,7 +23,7 @@ METRIC_NAMES = dict(i_auroc='I-AUROC', i_ap='I-AP', i_f1max='I-F1max', p_auroc='
                     p_f1max='P-F1max', aupro='AUPRO')
 RUN_KEYS = ('dataset', 'method', 'variant', 'profile', 'backbone', 'backbone_preset', 'weights', 'image_size', 'needs_labels',
             'epochs', 'seed', 'classes', 'class_index', 'faithful', 'model_size', 'aupro_variant', 'schedule', 'model_config',
-            'deviations', 'data_root', 'data_fingerprint', 'n_params', 'degenerate', 'degenerate_detail')
+            'deviations', 'protocol', 'data_root', 'data_fingerprint', 'n_params', 'degenerate', 'degenerate_detail')
 RESULT_KEYS = ('last', 'best', 'best_per_metric', 'converged', 'seconds')
 
 def check_metrics(m:dict, where:str='metrics.json') -> dict:
@@ -57,7 +59,7 @@ def write_run(out_dir:str|Path, # the run's folder
     "Write metrics.json (the common schema), the per-class, per-kind, history and evaluation tables and env.json; return the metrics."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     m = dict(info, last=dict(epoch=res.last_epoch, **table_dict(res.last)),
-             best=dict(epoch=res.best_epoch, selection='max mean(i_auroc) + mean(p_auroc) on the test set', **table_dict(res.best)),
+             best=dict(epoch=res.best_epoch, selection=selection_text(replace(res.selection, per_metric=())), **table_dict(res.best)),
              best_per_metric=res.best_per_metric(), converged=loss_flattened(res.history), seconds=seconds,
              estimate=res.estimate, method_record=method_record or {})
     if kinds is not None:

@@ -19,17 +19,20 @@ from .data import (AnomalyDataset, RealIADRoot, detect_format, realiad_root, sca
 from .features import FeatureExtractor, PRESETS, extract_features
 from .metrics import defect_kind_metrics
 from .synthetic import make_synthetic
-from .method import method_spec
+from .method import METHODS, method_spec
 from .train import ImageStore, collect_scores, fit, is_main_process
 from .config import RunConfig, run_config, resolve_profile
 from .identity import data_fingerprint, portable_path
 from .record import write_run
+from .protocol import run_protocol
+from .dataset_metrics import dataset_protocol_metrics
 from . import viz
 
 # %% auto #0
 __all__ = ['PUBLISHED_CLASSES', 'CPU_HINT', 'make_extractor', 'resolve_data', 'synthetic_root', 'train_classes', 'dataset_name',
            'per_dataset', 'is_faithful', 'deviations', 'ran_config', 'run_info', 'RunFolderBusy', 'run_lock',
-           'die_with_parent', 'per_kind_table', 'run_experiment', 'run_figures', 'show_run']
+           'die_with_parent', 'run_data', 'per_kind_table', 'dataset_numbers', 'run_experiment', 'resolve_protocol',
+           'protocol_doc', 'run_figures', 'show_run']
 
 # %% ../nbs/30c_run.ipynb #e1fb0a4d
 def make_extractor(backbone:str|None=None, # a preset of `vqflow_nb.features.PRESETS`, a timm model name, or None
@@ -120,12 +123,14 @@ def is_faithful(cfg:RunConfig, # the run's (resolved) configuration
 # %% ../nbs/30c_run.ipynb #9ab1f893
 def deviations(model, sch, # the method and the schedule it trained with
                preset:str, size:int, # the backbone preset and the image size the run used
+               mask:tuple|None=None, # (ran, own) side of the test masks, where the run sets its own
               ) -> dict:
     "What a run changed from its method's own settings: `{name: dict(ran=, own=)}` over the schedule and the image size."
     own = asdict(model.schedule())
     out = {k: dict(ran=v, own=own[k]) for k, v in asdict(sch).items() if k in own and v != own[k]}
     own_size = PRESETS.get(preset, {}).get('input_size')
     if exists(own_size) and own_size != size: out['image_size'] = dict(ran=size, own=own_size)
+    if exists(mask) and mask[0] != mask[1]: out['mask_size'] = dict(ran=mask[0], own=mask[1])
     return out
 
 def ran_config(model, sch) -> dict|None:
@@ -147,7 +152,8 @@ def run_info(cfg:RunConfig, run:dict, preset:str, small:bool, root) -> dict:
                 faithful=is_faithful(cfg, preset, size, res.schedule.epochs, small, classes),
                 model_size='small' if small else 'full', aupro_variant=cfg.aupro_variant,
                 schedule=asdict(res.schedule), model_config=ran_config(model, res.schedule),
-                deviations=deviations(model, res.schedule, preset, size),
+                deviations=deviations(model, res.schedule, preset, size, run['data']['mask_size_ran_own']),
+                protocol=run_protocol(model, res.schedule, ext.config, run['data'], ext.norm_name, ext.weights_source),
                 data_root=portable_path(root), data_fingerprint=data_fingerprint(root, cfg.classes),
                 n_params=sum(p.numel() for p in model.parameters()),
                 degenerate=bool(degenerate['last']), degenerate_detail=degenerate)
@@ -180,12 +186,19 @@ def die_with_parent(parent_pid:int|None=None, # the process that must be alive (
     return True
 
 # %% ../nbs/30c_run.ipynb #7ef5c8cd
-def _stores(root, classes, ext, model_images:bool, cache_dir, dev, progress):
-    "Train and test datasets and what the method trains on: cached features, or images (`needs_images`)."
-    size = ext.input_size
-    train_ds = AnomalyDataset(root, 'train', classes=classes, image_size=size, verbose=progress)
-    test_ds = AnomalyDataset(root, 'test', classes=classes, image_size=size, verbose=False,
-                             class_index=train_ds.class_index)  # the training indices, whatever the test subset
+def run_data(cfg:RunConfig, ext) -> dict:
+    "How the run's files become tensors: its method's authors' settings (`MethodSpec.data`); `mask_size` from the run where set, else theirs, else the input size."
+    d, size = dict(method_spec(cfg.method).data), ext.input_size[0]
+    own = int(default(d['mask_size'], size))
+    d['mask_size'] = int(default(cfg.mask_size, own))
+    return dict(d, mask_size_ran_own=(d['mask_size'], own))
+
+def _stores(root, classes, ext, model_images:bool, cache_dir, dev, progress, data:dict):
+    "Train and test datasets (`data`: `run_data`) and what the method trains on: cached features, or images (`needs_images`)."
+    size, how = ext.input_size, dict(resample=data['resample'], crop=data['crop'])
+    train_ds = AnomalyDataset(root, 'train', classes=classes, image_size=size, verbose=progress, **how)
+    test_ds = AnomalyDataset(root, 'test', classes=classes, image_size=size, verbose=False, mask_size=data['mask_size'],
+                             class_index=train_ds.class_index, **how)  # the training indices, whatever the test subset
     if model_images: return train_ds, test_ds, ImageStore(train_ds), ImageStore(test_ds)
     return (train_ds, test_ds, extract_features(train_ds, ext, cache_dir, device=dev, progress=progress),
             extract_features(test_ds, ext, cache_dir, device=dev, progress=progress))
@@ -202,6 +215,16 @@ def per_kind_table(per:dict, # `collect_scores` output of the test set
     return defect_kind_metrics(cat('labels'), cat('scores'), np.concatenate([kinds[cls == c] for c in c_order]),
                                cat('masks') if pixel else None, cat('maps') if pixel else None,
                                classes=np.concatenate([np.full((cls == c).sum(), c) for c in c_order]))
+
+def dataset_numbers(cfg:RunConfig, run:dict, root, data:dict, cache_dir, progress:bool=False) -> dict:
+    "The data set's own numbers (`dataset_metrics`): Real-IAD's sample level; MVTec AD 2's AU-PRO@0.05 and SegF1, its threshold from the validation split scored by the trained model."
+    model, test_ds, ext, val_per = run['model'], run['test_ds'], run['extractor'], None
+    if test_ds.fmt == 'mvtec_ad2' and not model.set_relative_scores:
+        val_ds = AnomalyDataset(root, 'validation', classes=cfg.classes, image_size=ext.input_size, mask_size=data['mask_size'],
+                                resample=data['resample'], crop=data['crop'], verbose=False, class_index=test_ds.class_index)
+        val_s = ImageStore(val_ds) if model.needs_images else extract_features(val_ds, ext, cache_dir, device=run['device'], progress=progress)
+        val_per = collect_scores(model, val_s, device=run['device'], progress=False)
+    return dataset_protocol_metrics(cfg.dataset, run['scores'], test_ds, val_per)
 
 # %% ../nbs/30c_run.ipynb #9edf4e6e
 CPU_HINT = ("Run the method's measured CPU reductions with profile='cpu' (-p profile=cpu), or raise time_limit; "
@@ -224,21 +247,51 @@ def run_experiment(cfg:RunConfig|str|None=None, # a `RunConfig`, or a dataset na
     small = cfg.model_size == 'small' or (cfg.model_size == 'auto' and 'offline' in preset)
     n_cls = len(train_classes(root, cfg.classes))
     model = spec.build(ext.channels, variant=cfg.variant, small=small, seed=cfg.seed, n_classes=n_cls, extractor=ext)
-    train_ds, test_ds, train_s, test_s = _stores(root, cfg.classes, ext, model.needs_images, cache_dir, dev, progress)
+    data = run_data(cfg, ext)
+    train_ds, test_ds, train_s, test_s = _stores(root, cfg.classes, ext, model.needs_images, cache_dir, dev, progress, data)
     overrides = {k: getattr(cfg, k) for k in ('epochs', 'batch_size', 'lr', 'eval_every', 'warmup_epochs') if exists(getattr(cfg, k))}
     with (run_lock(out_dir) if is_main_process() else contextlib.nullcontext()):
         res = fit(model, train_s, test_s, seed=cfg.seed, device=dev, out_dir=out_dir, class_names=list(train_ds.classes),
                   aupro_variant=cfg.aupro_variant, progress=progress,
                   time_limit=None if cfg.time_limit is None else 3600 * cfg.time_limit, limit_hint=CPU_HINT, **overrides)
         run = dict(fit=res, model=model, test_ds=test_ds, test_features=test_s, out_dir=out_dir, device=dev,
-                   counts=test_ds.counts(), extractor=ext, config=cfg)
+                   counts=test_ds.counts(), extractor=ext, config=cfg, data=data)
         if not is_main_process(): return run   # torchrun: every rank trained; rank 0 evaluated and writes
         run['scores'] = default(res.scores, lambda: collect_scores(model, test_s, device=dev, progress=False))   # a resumed, finished run re-scores
-        run['metrics'] = write_run(out_dir, run_info(cfg, run, preset, small, root), res, per_kind_table(run['scores'], test_ds),
+        info = dict(run_info(cfg, run, preset, small, root), dataset_protocol=dataset_numbers(cfg, run, root, data, cache_dir))
+        run['metrics'] = write_run(out_dir, info, res, per_kind_table(run['scores'], test_ds),
                                    env=provenance(dev, seed=cfg.seed, weights=ext.weights_source, variant=cfg.variant,
                                                   extractor=ext.config), seconds=time.time() - t_start,
                                    method_record=model.run_record(test_s))
     return run
+
+# %% ../nbs/30c_run.ipynb #0ed57849
+def resolve_protocol(cfg:RunConfig|None=None, # the configuration (None: from `params`)
+                     small:bool|None=None, # build the CPU-sized model (None: as the run would); widths do not change the protocol
+                     **params) -> dict:
+    "The protocol (`protocol.run_protocol`) a run of this configuration follows, without data or training."
+    cfg = resolve_profile(run_config(dict(asdict(cfg) if cfg else {}, **params)))
+    spec = method_spec(cfg.method); preset = default(cfg.backbone, spec.offline)
+    ext = make_extractor(preset, 'random', cfg.image_size, cfg.method)
+    small = default(small, cfg.model_size == 'small' or (cfg.model_size == 'auto' and 'offline' in preset))
+    n_cls = len(PUBLISHED_CLASSES.get(cfg.dataset) or MVTEC_CLASSES)
+    model = spec.build(ext.channels, variant=cfg.variant, small=small, seed=cfg.seed, n_classes=n_cls, extractor=ext)
+    sch = replace(model.schedule(), **{k: getattr(cfg, k) for k in ('epochs', 'batch_size', 'lr', 'eval_every', 'warmup_epochs') if exists(getattr(cfg, k))})
+    weights = default(cfg.weights, PRESETS.get(preset, {}).get('weights', 'timm'))
+    return run_protocol(model, sch, ext.config, run_data(cfg, ext), ext.norm_name, weights)
+
+def protocol_doc(methods:list|None=None) -> str:
+    "docs/protocol.md: per method, the authors' protocol beside the runner's at their preset (`profile='authors'`)."
+    from .protocol import protocol_markdown
+    out = ['# Protocols: the authors\' and ours', '',
+           'Generated by `vqflow_nb.run.protocol_doc()` (checked by `tests/test_protocol.py`): for each method, what its authors\' '
+           'code does around the model, item by item with the file and function, beside what the runner resolves at their '
+           'preset (`backbone=<method>`, `profile=authors`). Every run records its own resolved protocol in `metrics.json` '
+           '(`protocol`); a `cpu` profile run differs in the items its deviations name.', '']
+    for m in default(methods, lambda: [m for m in sorted(METHODS) if method_spec(m).protocol]):
+        ours = resolve_protocol(method=m, backbone=method_spec(m).authors['backbone'], dataset='mvtec_ad', small=True)
+        out += [f'## {m}', '', protocol_markdown(m, ours), '']
+    return '\n'.join(out)
 
 # %% ../nbs/30c_run.ipynb #5b34f434
 def run_figures(run:dict, # the output of `run_experiment`
@@ -284,6 +337,8 @@ def show_run(run:dict, figures:bool=True):
                      f"{m['backbone']}, {m['image_size']} px, {m['epochs']} epochs, variant {m['variant']}, class labels used: "
                      f"{m['needs_labels']}); last epoch {m['last']['epoch'] + 1}, best epoch {m['best']['epoch'] + 1}"))
     display(pd.concat({'last': run['fit'].last, 'best': run['fit'].best}, axis=1).round(3))
+    if m.get('dataset_protocol'):   # the data set's own numbers (Real-IAD sample level, MVTec AD 2 AU-PRO@0.05 and SegF1)
+        display(Markdown(f"**{m['dataset']}'s own protocol** (`dataset_metrics`), last epoch:")); display(pd.DataFrame(m['dataset_protocol']).round(3))
     print(f"last epoch's relative loss change: {m['converged']['last_rel_change']}; flattened: {m['converged']['flat']}")
     if figures:   # under the runner the notebook lies in the run's folder: link the figure files, do not copy them in
         link = 'VQFLOW_RUNNER_PID' in os.environ

@@ -17,14 +17,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .core import exists, default, get_device, seed_everything, hash_dict, record, cpu_memory_mode
-from .method import Method, Scores, Schedule   # the method interface (07_method); re-exported for existing imports
+from .method import Method, Scores, Schedule, Selection   # the method interface (07_method); re-exported for existing imports
 from .metrics import METRIC_KEYS
 
 # %% auto #0
 __all__ = ['METRICS', 'make_optimizer', 'set_lr', 'collect_scores', 'degenerate_checks', 'metric_table', 'evaluate',
-           'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'run_spec', 'dist_info', 'is_main_process',
-           'init_distributed', 'global_batches', 'shard_batches', 'synced_codebooks', 'GradientSync', 'Parallel',
-           'data_parallel', 'Amp', 'DegenerateWarning', 'RunTooLong', 'estimate_run', 'check_time_limit', 'fit']
+           'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'select_best', 'run_spec', 'dist_info',
+           'is_main_process', 'init_distributed', 'global_batches', 'shard_batches', 'synced_codebooks', 'GradientSync',
+           'Parallel', 'data_parallel', 'Amp', 'DegenerateWarning', 'RunTooLong', 'estimate_run', 'check_time_limit',
+           'fit']
 
 # %% ../nbs/20_train.ipynb #5dcd5baa
 def make_optimizer(params, # parameters, or param-group dicts (a group may carry `lr_scale`)
@@ -113,6 +114,7 @@ METRICS = METRIC_KEYS   # one metric list: `metrics.METRIC_KEYS` (this name stay
 def metric_table(per_class:dict, # output of `collect_scores`
                  class_names:list, # names indexed by cls_index
                  aupro_variant:str='exact', # 'exact' (MVTec definition) or 'approx' (the papers' 800 thresholds)
+                 extra:tuple=(), # `parts` keys holding another image score per item (`Method.extra_image_scores`): adds `i_auroc_<key>`
                 ) -> pd.DataFrame:
     "Per-class metric rows (index = class names) plus a `mean` row; `attrs['degenerate']` names degenerate classes."
     from vqflow_nb.metrics import evaluate_classes
@@ -122,14 +124,22 @@ def metric_table(per_class:dict, # output of `collect_scores`
                                                **(dict(masks=d['masks'], maps=d['maps'], pro_maps=d['pro_maps']) if pixel(d) else {}))
                           for c, d in sorted(per_class.items())}, aupro_variant=aupro_variant)
     t = t[list(METRICS)].astype(float)
+    for k in extra:   # another image score of the same evaluation (VQ-Flow's add map, HVQ-Trans without POT): its mean AUROC too
+        col = {class_names[c]: _auroc(d['labels'], d['parts'][k]) for c, d in per_class.items()}
+        t[f'i_auroc_{k}'] = pd.Series(col).reindex(t.index).fillna({'mean': np.nanmean(list(col.values()))})
     t.attrs['degenerate'] = degen
     return t
+
+def _auroc(labels, scores) -> float:
+    "Image AUROC of one class; NaN when it has one label only."
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(labels, scores)) if len(set(np.asarray(labels).tolist())) == 2 else float('nan')
 
 def evaluate(method, store, class_names=None, batch_size:int=8, device=None, aupro_variant:str='exact',
              progress:bool=True) -> pd.DataFrame:
     "Score `store` with `method` and return the per-class metric table (rows: classes and `mean`)."
     names = default(class_names, lambda: list(getattr(store, 'classes')))
-    return metric_table(collect_scores(method, store, batch_size, device, progress), names, aupro_variant)
+    return metric_table(collect_scores(method, store, batch_size, device, progress), names, aupro_variant, method.extra_image_scores)
 
 # %% ../nbs/20_train.ipynb #15178554
 def _rng_state():
@@ -179,29 +189,48 @@ class FitResult:
     degenerate:dict = field(default_factory=dict) # epoch -> {class: [reasons]} (see `degenerate_checks`)
     estimate:dict|None = None # after the first epoch: the run's estimated duration (`estimate_run`)
     scores:dict|None = None # the final epoch's `collect_scores` output (in memory only): a run's per-kind tables and pictures reuse it
+    selection:Selection = field(default_factory=Selection) # the method's rule for `best` (`Method.selection`)
 
     @property
     def last(self) -> pd.DataFrame|None: return self.evals.get(self.last_epoch)
     @property
     def best(self) -> pd.DataFrame|None: return self.evals.get(self.best_epoch)
 
+    def candidates(self) -> list:
+        "The evaluated epochs that compete for best: the authors' validation epochs (all evaluations where none is one)."
+        eps = sorted(self.evals)
+        sch = self.schedule
+        return ([e for e in eps if sch.protocol_eval(e)] or eps) if exists(sch) else eps
+
     def best_per_metric(self) -> dict:
-        "For each metric, the best mean value over all evaluations and its epoch (VQ-Flow's and HGAD's practice)."
+        "For each metric, the best mean value over the candidate evaluations and its epoch, ties as `selection` says (VQ-Flow's and HGAD's practice)."
         out = {}
-        for m in METRICS:
-            vals = {e: t.loc['mean', m] for e, t in self.evals.items() if not pd.isna(t.loc['mean', m])}
-            if vals: e = max(vals, key=vals.get); out[m] = dict(value=float(vals[e]), epoch=int(e))
+        for m in dict.fromkeys(c for e in self.candidates() for c in self.evals[e].columns):
+            best = None
+            for e in self.candidates():
+                v = self.evals[e].loc['mean', m] if m in self.evals[e] else float('nan')
+                if not pd.isna(v) and self.selection.better(v, None if best is None else best[0]): best = (float(v), int(e))
+            if best: out[m] = dict(value=best[0], epoch=best[1])
         return out
 
-def _selection_score(t:pd.DataFrame) -> float:
-    "Best-epoch criterion: mean image AUROC plus mean pixel AUROC (pixel term dropped when there are no masks)."
-    return float(np.nansum([t.loc['mean', 'i_auroc'], t.loc['mean', 'p_auroc']]))
+def _selection_score(t:pd.DataFrame, sel:Selection=Selection()) -> float:
+    "Best-epoch criterion: the sum of the selection's mean metrics (default image + pixel AUROC; a metric without a value is dropped)."
+    return float(np.nansum([t.loc['mean', m] if m in t else np.nan for m in sel.joint]))
+
+def select_best(res:FitResult) -> int|None:
+    "The best epoch under the method's `Selection`, among the candidate evaluations, in epoch order."
+    best = None
+    for e in res.candidates():
+        v = _selection_score(res.evals[e], res.selection)
+        if res.selection.better(v, None if best is None else best[0]): best = (v, e)
+    return None if best is None else best[1]
 
 # %% ../nbs/20_train.ipynb #91967826
 def _schedule_spec(sch:Schedule) -> dict:
     "The schedule's fields; `precision` only when it is not the default fp32 (runs from before the option keep their identity)."
     d = asdict(sch)
     if d.get('precision') == 'fp32': d.pop('precision')
+    if not d.get('eval_first'): d.pop('eval_first', None)   # likewise
     return d
 
 def run_spec(method:nn.Module, sch:Schedule, seed:int, train_store, test_store=None) -> dict:
@@ -445,7 +474,7 @@ class DegenerateWarning(UserWarning):
 def _record_eval(res:FitResult, t:pd.DataFrame, epoch:int, progress:bool):
     "Keep an evaluation, update last/best, and shout about degenerate classes."
     res.evals[epoch], res.last_epoch = t, epoch
-    if res.best_epoch is None or _selection_score(t) > _selection_score(res.evals[res.best_epoch]): res.best_epoch = epoch
+    res.best_epoch = select_best(res)
     if t.attrs.get('degenerate'):
         res.degenerate[epoch] = t.attrs['degenerate']
         warnings.warn(f"DEGENERATE evaluation at epoch {epoch+1}: {t.attrs['degenerate']} — these numbers are not a result",
@@ -477,10 +506,11 @@ class RunTooLong(RuntimeError):
 def estimate_run(sch:Schedule, start:int, # the schedule, and the first epoch this call trains
                  train_s:float, # seconds the first epoch's training took
                  elapsed_s:float, # seconds the first epoch took with its evaluation (if it had one)
+                 eval_s:float|None=None, # seconds of one evaluation, when measured after a later epoch (the first had none)
                 ) -> dict:
     "Estimated seconds of the rest of the run: training epochs at the first one's pace, evaluations at the first one's."
-    evals = [e for e in range(start, sch.epochs) if (e + 1) % sch.eval_every == 0 or e + 1 == sch.epochs]
-    eval_s = elapsed_s - train_s if start in evals else None
+    evals = [e for e in range(start, sch.epochs) if sch.evaluates(e)]
+    eval_s = elapsed_s - train_s if start in evals else eval_s
     total = train_s * (sch.epochs - start) + (eval_s or 0.0) * len(evals)
     text = f"{total/3600:.1f} h" if total >= 3600 else f"{total/60:.1f} min"
     if eval_s is None and evals: text += f" of training, plus {len(evals)} evaluations"
@@ -520,7 +550,7 @@ def fit(method:Method, # the method (its `schedule()` gives the defaults)
     groups = method.param_groups(sch)
     opt = make_optimizer(groups, sch); params = [p for g in opt.param_groups for p in g['params']]
     amp = Amp(sch.precision, device)
-    res, spec, start = FitResult(history=[], evals={}, schedule=sch), run_spec(method, sch, seed, train_store, test_store), 0
+    res, spec, start = FitResult(history=[], evals={}, schedule=sch, selection=method.selection), run_spec(method, sch, seed, train_store, test_store), 0
     ckpt = Path(out_dir)/'checkpoints'/'last.pt' if exists(out_dir) else None
     main = is_main_process()
     if exists(ckpt) and ckpt.exists() and resume: start = _resume(ckpt, spec, method, opt, amp, res, device, progress and main)
@@ -534,11 +564,18 @@ def fit(method:Method, # the method (its `schedule()` gives the defaults)
     with (data_parallel(method, params, device, sch) if parallel else contextlib.nullcontext()) as par:
         for epoch in bar:
             res.history.append(_train_epoch(method, train_store, opt, sch, params, epoch, seed, device, bar, progress, par, amp))
-            if exists(test_store) and ((epoch + 1) % sch.eval_every == 0 or epoch + 1 == sch.epochs):
+            if exists(test_store) and sch.evaluates(epoch):
+                t_eval = time.time()
                 per = collect_scores(method, test_store, eval_batch_size, device, progress) if main else None
-                t = metric_table(per, names, aupro_variant) if main else None
+                t = metric_table(per, names, aupro_variant, method.extra_image_scores) if main else None
                 if epoch + 1 == sch.epochs: res.scores = per
                 _record_eval(res, t if par is None else par.broadcast(t), epoch, progress)
+                if epoch > start and res.estimate is not None and res.estimate['eval_seconds'] is None:   # the first evaluation came later
+                    h = res.history[len(res.history) - (epoch - start) - 1]   # the first epoch of this call
+                    res.estimate = estimate_run(sch, start, h['seconds'], h['seconds'], eval_s=time.time() - t_eval)
+                    if exists(out_dir) and main: record(out_dir, 'estimate', res.estimate)
+                    if progress: tqdm.write(f"{type(method).__name__}: re-estimated {res.estimate['text']} with the first evaluation's time")
+                    check_time_limit(res.estimate, time_limit, limit_hint)
             if exists(ckpt) and main: _save(ckpt, method, opt, amp, res, epoch, spec)
             if epoch == start:   # after the first epoch: how long the whole run will take, said before anyone waits for it
                 res.estimate = estimate_run(sch, start, res.history[-1]['seconds'], time.time() - t_loop)

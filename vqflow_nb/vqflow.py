@@ -18,10 +18,11 @@ from .flows import vqflow_flows, count_params, positional_encoding_2d, FusionCou
 from .core import codebook_perplexity
 from .codebooks import HierarchicalCodebooks
 from .prior import MixedGaussianPrior
-from .method import Method, Schedule, Scores, register_method
+from .method import Method, Schedule, Scores, register_method, Selection
 
 # %% auto #0
-__all__ = ['ABLATIONS', 'AUTHORS', 'CPU_PROFILE', 'VQFlowConfig', 'VQFlow', 'flow_nll', 'vqflow_maps', 'shape_table', 'build']
+__all__ = ['ABLATIONS', 'AUTHORS', 'PROTOCOL', 'CPU_PROFILE', 'VQFlowConfig', 'VQFlow', 'flow_nll', 'vqflow_maps', 'shape_table',
+           'build']
 
 # %% ../nbs/10_vqflow.ipynb #e41903aa
 @dataclass
@@ -207,7 +208,8 @@ def vqflow_maps(zs:list, # latents per scale (B,C_l,H_l,W_l)
     add = p_add.flatten(1).amax(1)[:, None, None] - p_add
     k = max(1, int(out_size[0] * out_size[1] * top_k))
     image = mul.flatten(1).topk(k, dim=1).values.mean(1)
-    return Scores(image=image, pixel=add, pro=mul)
+    image_add = add.flatten(1).topk(k, dim=1).values.mean(1)   # [code] evaluations.py: the add map's score, "Det.AUROC.add"
+    return Scores(image=image, pixel=add, pro=mul, parts=dict(add=image_add))
 
 # %% ../nbs/10_vqflow.ipynb #c608a3c3
 @patch
@@ -246,6 +248,14 @@ def on_epoch_end(self:VQFlow, epoch:int):
 def codebook_usage(self:VQFlow) -> Tensor|None:
     "The CPC's prototype use counts of the last epoch (None before the first epoch ends, or without codebooks)."
     return self.usage['cpc'][0] if 'cpc' in getattr(self, 'usage', {}) else None
+
+# %% ../nbs/10_vqflow.ipynb #4c799005
+VQFlow.selection = Selection(per_metric=('i_auroc', 'i_auroc_add', 'p_auroc', 'aupro'))   # [code] utils.py:Score_Observer, per metric, `>`
+VQFlow.extra_image_scores = ('add',)
+
+@patch
+def scoring_protocol(self:VQFlow, mask_size:int) -> dict:
+    return dict(image_score=f'mean of the top {self.cfg.top_k * 100:g} % of the mul map', smoothing=0.0)
 
 # %% ../nbs/10_vqflow.ipynb #c69f3a5e
 def _shape(t:Tensor) -> str:
@@ -296,6 +306,24 @@ def run_record(self:VQFlow, test_store) -> dict:
 
 # %% ../nbs/10_vqflow.ipynb #eb9c5ed2
 AUTHORS = dict(backbone='vqflow', image_size=384, epochs=60) # [code] main.py argparse
+
+# the authors' protocol as their code runs it, {item: (value, source)}: `protocol.run_protocol` must resolve to it (30e_protocol)
+PROTOCOL = dict(
+    backbone=('convnextv2_base', 'README command --extractor convnextv2_base; models/extractors.py:build_extractor'),
+    pretrained=('timm', 'timm.create_model(..., pretrained=True)'),
+    input_size=(384, 'main.py --input-size 384'),
+    pyramid=(None, 'one image, four stages'),
+    resize=('lanczos, onto the square', 'datasets.py: T.Resize((384, 384), LANCZOS)'),
+    norm=('imagenet', 'default.py img_mean / img_std'),
+    mask_size=(384, 'datasets.py: T.Resize(input_size, NEAREST)'),
+    smoothing=(0.0, 'post_process.py: no filter'),
+    image_score=('mean of the top 3 % of the mul map', 'default.py top_k 0.03; post_process.py'),
+    epochs=(60, 'main.py: 30 meta-epochs x 2 sub-epochs'),
+    batch_size=(16, 'main.py --batch-size 16'),
+    validation=('after passes 2, 4, 6, ..., 60 (30)', 'train.py:train: a test after every meta-epoch'),
+    best=('per metric (i_auroc, i_auroc_add, p_auroc, aupro), first maximum of the class mean', 'utils.py:Score_Observer.update'),
+    labels=('no', 'train.py:train_meta_epoch drops the class'),
+)
 CPU_PROFILE = dict(epochs=12, batch_size=8, lr=1e-3, warmup_epochs=2, eval_every=4) # measured on the embedded benchmark, 2 cores
 
 def build(channels, *, variant:str='code', small:bool=False, seed:int|None=None, **_) -> VQFlow:
@@ -305,4 +333,4 @@ def build(channels, *, variant:str='code', small:bool=False, seed:int|None=None,
     else: raise ValueError(f"VQ-Flow variant {variant!r}: expected 'code', 'paper' or one of {list(ABLATIONS)}")
     return VQFlow(cfg)
 
-register_method('vqflow', build, AUTHORS, offline='offline', cpu=CPU_PROFILE)
+register_method('vqflow', build, AUTHORS, offline='offline', cpu=CPU_PROFILE, protocol=PROTOCOL)
