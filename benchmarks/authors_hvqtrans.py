@@ -23,7 +23,10 @@ SIZES = dict(authors=dict(batch=16, input=224),   # config.yaml: batch_size 16 p
              smoke=dict(batch=2, input=224))
 N_CLASSES, CHANNELS = 15, 272
 CLIP, POOL = 0.1, [16, 16]       # config.yaml: trainer.clip_max_norm, evaluator avgpool_size
-VARIANTS = ('ours', 'ours+cached', 'ours+batched')
+VARIANTS = ('ours', 'ours+cached', 'ours+batched', 'ours+avgpool')
+INFERENCE_ONLY = ('ours+avgpool',)
+SIDE_NOTES = {'ours': 'the package as configured (variant code: train-mode backbone inside the step, per-image EMA)',
+              'ours+avgpool': 'inference only: the image score by one 16x16 avg_pool2d as before `hvqtrans.box_mean` (same numbers)'}
 CHANGED_MATHS = {'ours+cached': 'eval-mode backbone outside the step (cached features): no batch statistics, no drop-connect',
                  'ours+batched': 'one EMA codebook update per class instead of per image'}
 
@@ -328,9 +331,19 @@ def sides(S, variants) -> dict:
     out = dict(theirs=dict(train=lambda: authors_train_step(S), infer=lambda: authors_infer(S), kind='theirs'))
     authors_ot_model(S)
     for v in variants:
+        if v == 'ours+avgpool':
+            out[v] = dict(train=None, infer=lambda: _with_avgpool(lambda: ours_infer(S['ours'], S)), kind='ours'); continue
         m = variant_model(S, v); opt, sch = ours_optimizer(m)
         if not m.cfg.backbone_train: ours_inputs(m, S)
         out[v] = dict(train=lambda m=m, opt=opt, sch=sch: ours_train_step(m, opt, sch, S), infer=lambda m=m: ours_infer(m, S), kind='ours')
     return out
+
+def _with_avgpool(fn):
+    "Run `fn` with `hvqtrans.box_mean` replaced by the one-window avg_pool2d it stands for."
+    import vqflow_nb.hvqtrans as HV, torch.nn.functional as F
+    keep = HV.box_mean
+    HV.box_mean = lambda x, k: F.avg_pool2d(x, k, stride=1)
+    try: return fn()
+    finally: HV.box_mean = keep
 
 def authors_step(S): return lambda: authors_train_step(S)

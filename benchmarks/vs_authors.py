@@ -573,7 +573,8 @@ def run_method(args):
         del sd
     del S; gc.collect()
     if not args.no_memory:
-        sides = ['theirs'] + (variants if args.memory_sides is None else [s for s in args.memory_sides.split(',') if s != 'theirs'])
+        skip = getattr(M, 'INFERENCE_ONLY', ())
+        sides = ['theirs'] + ([v for v in variants if v not in skip] if args.memory_sides is None else [s for s in args.memory_sides.split(',') if s != 'theirs'])
         res['memory'] = memory(args, sides)
     write_method(res, Path(args.out), M)
     if not args.no_combined: update_combined(res, Path(args.out))
@@ -585,6 +586,7 @@ def method_memory_child(args, M):
     S = M.setup(args.authors, args.size, device)
     side = args.child
     sd = M.sides(S, [] if side == 'theirs' else [side])
+    if sd[side]['train'] is None: return print('MEMORY ' + json.dumps(dict(side=side, error='inference-only side')), flush=True)
     keep = sd[side]
     if side == 'theirs': S.pop('ours', None); S.pop('ext', None) if args.method == 'hvqtrans' else None
     else:
