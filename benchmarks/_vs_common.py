@@ -39,3 +39,23 @@ def alternate(fns:dict, pairs:int, warmup:int, device, label:str='') -> dict:
 def loadavg() -> list:
     try: return [float(x) for x in open('/proc/loadavg').read().split()[:3]]
     except OSError: return []
+
+AUTHORS_TOP = ('models', 'utils', 'datasets', 'train', 'main', 'default', 'post_process', 'evaluations', 'distributed', 'tools')
+
+def forget_other_authors(authors_dir:str):
+    """The three authors' repositories reuse top-level names (`models`, `utils`, `train`, ...): drop such modules
+    imported from another checkout, so that several methods can be set up in one process (one after the other)."""
+    import sys
+    from pathlib import Path
+    d = str(Path(authors_dir).resolve())
+    for name in list(sys.modules):
+        if name.split('.')[0] not in AUTHORS_TOP: continue
+        f = getattr(sys.modules[name], '__file__', None) or ''
+        paths = list(getattr(sys.modules[name], '__path__', []) or [])
+        where = f or (paths[0] if paths else '')
+        if where and not str(Path(where).resolve()).startswith(d): del sys.modules[name]
+    # another checkout on the path would shadow this one: HVQ-Trans's `models` has no __init__.py (a namespace
+    # package), which loses to a regular package `models` anywhere on the path
+    for p in list(sys.path):
+        if p and str(Path(p).resolve()) != d and (Path(p) / 'models').is_dir() and (Path(p) / 'README.md').exists():
+            sys.path.remove(p)

@@ -32,7 +32,9 @@ def import_authors(authors_dir:str):
     d = Path(authors_dir).resolve()
     if not (d / 'models' / 'nf_model.py').exists():
         raise SystemExit(f'--authors {authors_dir}: no models/nf_model.py there (a checkout of xcyao00/HGAD?)')
-    if str(d) not in sys.path: sys.path.insert(0, str(d))
+    from _vs_common import forget_other_authors; forget_other_authors(str(d))
+    if str(d) in sys.path: sys.path.remove(str(d))
+    sys.path.insert(0, str(d))
     import main, train as T, utils as U
     import models.model as MM, models.nf_model as NF
     if not hasattr(MM, '_vs_authors_timm'):

@@ -34,8 +34,10 @@ def import_authors(authors_dir:str):
     d = Path(authors_dir).resolve()
     if not (d / 'models' / 'HVQ_TR_switch.py').exists():
         raise SystemExit(f'--authors {authors_dir}: no models/HVQ_TR_switch.py there (a checkout of RuiyingLu/HVQ-Trans?)')
+    from _vs_common import forget_other_authors; forget_other_authors(str(d))
     for p in (str(d / 'tools'), str(d)):          # `import distributed as dist_fn` lives in tools/
-        if p not in sys.path: sys.path.insert(0, p)
+        if p in sys.path: sys.path.remove(p)
+        sys.path.insert(0, p)
     for name in ('lmdb', 'cv2'):                   # imported at module level, used only for datasets / visualisation
         try: __import__(name)
         except ImportError: sys.modules[name] = types.ModuleType(name)

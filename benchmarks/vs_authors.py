@@ -57,7 +57,11 @@ def import_authors(authors_dir:str):
     "Import the authors' `train`, `post_process` from their checkout; stub modules that are absent here (logging only)."
     d = str(Path(authors_dir).resolve())
     if not Path(d, 'train.py').exists(): raise SystemExit(f'--authors {authors_dir}: no train.py there (a checkout of cool-xuan/vqflow?)')
-    if d not in sys.path: sys.path.insert(0, d)
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path: sys.path.insert(0, here)
+    from _vs_common import forget_other_authors; forget_other_authors(d)
+    if d in sys.path: sys.path.remove(d)
+    sys.path.insert(0, d)
     for name in ('wandb',):   # experiment logging: needs an account and the internet, off in the README commands
         try: __import__(name)
         except ImportError: sys.modules[name] = types.ModuleType(name)
