@@ -546,6 +546,17 @@ def equality_ok(M, e:dict) -> dict:
 
 def all_equal(eq:dict) -> bool: return all(v is True or v == 'near-tie' for v in eq.values())
 
+def portable_command() -> str:
+    "This run's command line with paths inside the repository made relative and others written as DIR (no machine paths)."
+    out = []
+    for a in [Path(sys.argv[0]).as_posix()] + sys.argv[1:]:
+        p = Path(a)
+        if p.is_absolute():
+            try: a = p.resolve().relative_to(ROOT).as_posix()
+            except ValueError: a = 'DIR'
+        out.append(a)
+    return 'python ' + ' '.join(out)
+
 def run_method(args):
     "`--method hgad|hvqtrans`: equality first, then alternating timings, then memory per side in its own process."
     import torch, gc
@@ -557,7 +568,7 @@ def run_method(args):
     device = torch.device(args.device)
     S = M.setup(args.authors, args.size, device)
     res = dict(method=args.method, size=args.size, size_spec=S['spec'], env=env_info(device), n_numbers=S['n_numbers'],
-               command='python ' + ' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), loadavg_start=loadavg(),
+               command=portable_command(), loadavg_start=loadavg(),
                notes=getattr(M, 'SIDE_NOTES', {}), changed_maths=getattr(M, 'CHANGED_MATHS', {}))
     print(f"transplanted {S['n_numbers']:,} trainable numbers (and every buffer)", flush=True)
     e = M.equivalence(S)
