@@ -57,7 +57,11 @@ def import_authors(authors_dir:str):
     "Import the authors' `train`, `post_process` from their checkout; stub modules that are absent here (logging only)."
     d = str(Path(authors_dir).resolve())
     if not Path(d, 'train.py').exists(): raise SystemExit(f'--authors {authors_dir}: no train.py there (a checkout of cool-xuan/vqflow?)')
-    if d not in sys.path: sys.path.insert(0, d)
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path: sys.path.insert(0, here)
+    from _vs_common import forget_other_authors; forget_other_authors(d)
+    if d in sys.path: sys.path.remove(d)
+    sys.path.insert(0, d)
     for name in ('wandb',):   # experiment logging: needs an account and the internet, off in the README commands
         try: __import__(name)
         except ImportError: sys.modules[name] = types.ModuleType(name)
@@ -402,7 +406,7 @@ def memory(args, sides:list, timeout=None) -> dict:
     "Peak memory of each side (inference, then training) in its own process."
     out = {}
     for side in sides:
-        cmd = [sys.executable, __file__, '--authors', args.authors, '--device', args.device, '--size', args.size,
+        cmd = [sys.executable, __file__, '--method', args.method, '--authors', args.authors, '--device', args.device, '--size', args.size,
                '--threads', str(args.threads), '--child', side, '--mem-steps', str(args.mem_steps)]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
@@ -468,22 +472,28 @@ def write(res:dict, out:Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--authors', required=True, help='checkout of cool-xuan/vqflow (their files are imported, not copied)')
+    ap.add_argument('--method', default='vqflow', choices=['vqflow', 'hgad', 'hvqtrans'])
+    ap.add_argument('--authors', required=True, help='checkout of the authors\' repository (cool-xuan/vqflow, xcyao00/HGAD, '
+                    'RuiyingLu/HVQ-Trans); their files are imported, not copied')
     ap.add_argument('--device', default='cpu')
-    ap.add_argument('--size', default='authors', choices=list(SIZES))
+    ap.add_argument('--size', default='authors', choices=list(SIZES), help='authors (their configuration), small, smoke (CPU)')
     ap.add_argument('--steps', type=int, default=5, help='timed pairs per measurement')
     ap.add_argument('--warmup', type=int, default=1)
     ap.add_argument('--threads', type=int, default=int(os.environ.get('VQFLOW_THREADS', 1)))
-    ap.add_argument('--variants', default='ours', help="comma-separated: ours, ours+dense, ours+bcond, ours+quant, ours+cl, ours+bf16 ... (see _patch_variant)")
+    ap.add_argument('--variants', default=None, help="default: ours (vqflow), the method module's VARIANTS (hgad, hvqtrans); vqflow: comma-separated: ours, ours+dense, ours+bcond, ours+quant, ours+cl, ours+bf16 ... (see _patch_variant)")
     ap.add_argument('--memory-sides', default=None, help='comma-separated sides for the memory processes (default: theirs + variants)')
     ap.add_argument('--mem-steps', type=int, default=2, help='steps per mode in each memory process')
     ap.add_argument('--no-memory', action='store_true')
     ap.add_argument('--no-timing', action='store_true')
-    ap.add_argument('--out', default=str(ROOT / 'results' / 'benchmarks' / 'vs_authors'))
+    ap.add_argument('--out', default=None, help='default results/benchmarks/vs_authors (vqflow), vs_authors_<method> (others)')
+    ap.add_argument('--no-combined', action='store_true', help='do not update the method\'s section of results/benchmarks/vs_authors.md')
     ap.add_argument('--child', default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
     torch.set_num_threads(args.threads)
+    if args.method != 'vqflow': return run_method(args)
+    if args.variants is None: args.variants = 'ours'
+    if args.out is None: args.out = str(ROOT / 'results' / 'benchmarks' / 'vs_authors')
     if args.child: return memory_child(args)
     device = torch.device(args.device)
     S = setup(args, device)
@@ -516,5 +526,208 @@ def variant_equivalence(S, feats, v) -> dict:
     del m, sd
     return dict(loss=abs(lv - lb), loss_rel=abs(lv - lb) / abs(lb), loss_ours=lb, loss_variant=lv,
                 image_score=maxdiff(iv[0], ib[0]), add_map=maxdiff(iv[1], ib[1]), mul_map=maxdiff(iv[2], ib[2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HGAD and HVQ-Trans: their sides live in benchmarks/authors_hgad.py and authors_hvqtrans.py (setup, transplant,
+# equivalence, sides); what follows drives them the same way for both.
+def method_module(method:str):
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path: sys.path.insert(0, here)
+    import importlib
+    return importlib.import_module(dict(hgad='authors_hgad', hvqtrans='authors_hvqtrans')[method])
+
+def equality_ok(M, e:dict) -> dict:
+    """Each equality row against the module's tolerance: {row: True | False | 'near-tie'}. 'near-tie': the row is beyond
+    tolerance only through code assignments that flipped at float32 near-ties (HVQ-Trans, `authors_hvqtrans._flips`)."""
+    ex = getattr(M, 'explained', lambda e: False)(e)
+    return {k: True if e[k] <= M.TOLERANCE[k] else ('near-tie' if ex and k in getattr(M, 'AFTER_FLIP', ()) else False)
+            for k in M.ROWS if k in e}
+
+def all_equal(eq:dict) -> bool: return all(v is True or v == 'near-tie' for v in eq.values())
+
+def portable_command() -> str:
+    "This run's command line with paths inside the repository made relative and others written as DIR (no machine paths)."
+    out = []
+    for a in [Path(sys.argv[0]).as_posix()] + sys.argv[1:]:
+        p = Path(a)
+        if p.is_absolute():
+            try: a = p.resolve().relative_to(ROOT).as_posix()
+            except ValueError: a = 'DIR'
+        out.append(a)
+    return 'python ' + ' '.join(out)
+
+def run_method(args):
+    "`--method hgad|hvqtrans`: equality first, then alternating timings, then memory per side in its own process."
+    import torch, gc
+    from _vs_common import alternate, ratios, loadavg
+    M = method_module(args.method)
+    if args.out is None: args.out = str(ROOT / 'results' / 'benchmarks' / f'vs_authors_{args.method}')
+    variants = [v.strip() for v in (args.variants or ','.join(M.VARIANTS)).split(',') if v.strip()]
+    if args.child: return method_memory_child(args, M)
+    device = torch.device(args.device)
+    S = M.setup(args.authors, args.size, device)
+    res = dict(method=args.method, size=args.size, size_spec=S['spec'], env=env_info(device), n_numbers=S['n_numbers'],
+               command=portable_command(), loadavg_start=loadavg(),
+               notes=getattr(M, 'SIDE_NOTES', {}), changed_maths=getattr(M, 'CHANGED_MATHS', {}))
+    print(f"transplanted {S['n_numbers']:,} trainable numbers (and every buffer)", flush=True)
+    e = M.equivalence(S)
+    res['equivalence'], res['tolerance'], res['equal'] = e, M.TOLERANCE, equality_ok(M, e)
+    print('equivalence', e, '\nwithin tolerance', res['equal'], flush=True)
+    if not all_equal(res['equal']): print('WARNING: some equality rows exceed their tolerance', flush=True)
+    if not args.no_timing:
+        sd = M.sides(S, variants)
+        refs = [k for k, d in sd.items() if d['kind'] == 'theirs']
+        ours = [k for k, d in sd.items() if d['kind'] == 'ours']
+        res['timing'] = {}
+        for what, key in (('train_step', 'train'), ('inference', 'infer')):
+            fns = {k: d[key] for k, d in sd.items() if d[key] is not None}
+            t = alternate(fns, args.steps, args.warmup, device, what)
+            res['timing'][what] = dict(seconds=t, ratios={r: {v: ratios(t[r], t[v]) for v in ours if v in t} for r in refs if r in t})
+        res['loadavg_end'] = loadavg()
+        del sd
+    del S; gc.collect()
+    if not args.no_memory:
+        skip = getattr(M, 'INFERENCE_ONLY', ())
+        sides = ['theirs'] + ([v for v in variants if v not in skip] if args.memory_sides is None else [s for s in args.memory_sides.split(',') if s != 'theirs'])
+        res['memory'] = memory(args, sides)
+    write_method(res, Path(args.out), M)
+    if not args.no_combined: update_combined(res, Path(args.out))
+
+def method_memory_child(args, M):
+    "In a fresh process: build both, drop the other side, run inference then training steps; print each mode's peak."
+    import torch, gc
+    device = torch.device(args.device)
+    S = M.setup(args.authors, args.size, device)
+    side = args.child
+    sd = M.sides(S, [] if side == 'theirs' else [side])
+    if sd[side]['train'] is None: return print('MEMORY ' + json.dumps(dict(side=side, error='inference-only side')), flush=True)
+    keep = sd[side]
+    if side == 'theirs': S.pop('ours', None); S.pop('ext', None) if args.method == 'hvqtrans' else None
+    else:
+        th = S.pop('theirs'); S.pop('theirs_ot', None); S.pop('opt_a', None)
+        if args.method == 'hgad': S['their_feats'] = None; th.nfs = []; th.optimizer = None
+        del th
+    del sd; gc.collect()
+    try:   # give the dropped side's freed pages back to the system, so the kept side's peak is its own
+        import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except Exception: pass
+    res = dict(side=side)
+    for mode in ('inference', 'train'):
+        fn = keep['infer' if mode == 'inference' else 'train']
+        sync(device); gc.collect()
+        if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
+        res[f'{mode}_rss_before_gb'], res[f'{mode}_reset'] = _rss_gb(), _reset_hwm()
+        for _ in range(args.mem_steps): fn()
+        sync(device)
+        res[f'{mode}_vmhwm_gb'] = _vmhwm_gb()
+        if device.type == 'cuda': res[f'{mode}_cuda_peak_gb'] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
+    print('MEMORY ' + json.dumps(res), flush=True)
+
+def _method_md(res:dict, M) -> list:
+    e, env = res['equivalence'], res['env']
+    name = dict(hgad='HGAD', hvqtrans='HVQ-Trans')[res['method']]
+    L = [f"# Ours vs the authors' {name} (one process, identical weights and inputs)", '',
+         f"Configuration `{res['size']}`: {res['size_spec']}. Machine: {env['cpu']['model']}, {env['cpu']['cpus']} CPUs; "
+         f"torch {env['torch']} ({env.get('cpu_capability', '')}), {env['threads']} thread(s) per side, device {env['device']}"
+         f"{' (' + env['gpu'] + ')' if 'gpu' in env else ''}. Load average at the start {res.get('loadavg_start')}, at the end "
+         f"of the timings {res.get('loadavg_end')} (other jobs shared the CPUs). {res['n_numbers']:,} trainable numbers "
+         f"(and every buffer) copied from their model into ours.", '',
+         '## Same numbers (checked first)', '', '| quantity | max abs difference | tolerance | within |', '|---|---|---|---|']
+    for k in M.ROWS:
+        if k in e:
+            ok = res['equal'].get(k)
+            L.append(f"| {k} | {e[k]:.3g} | {M.TOLERANCE[k]:g} | {'yes' if ok is True else 'after near-tie flips' if ok == 'near-tie' else '**no**'} |")
+    L += ['', 'Quantities: ' + M.equivalence.__doc__.strip().replace('\n   ', ''), '']
+    if 'loss_theirs' in e: L += [f"(loss theirs {e['loss_theirs']}, ours {e['loss_ours']}; image scores of order {e.get('image_score_scale', float('nan')):.3g}.)", '']
+    if 'timing' in res:
+        L += ['## Time (theirs / ours per alternating round; > 1 means ours is faster)', '',
+              '| what | theirs | ours | rounds | median | min | max | theirs median (s) | ours median (s) |', '|---|---|---|---|---|---|---|---|---|']
+        for what, d in res['timing'].items():
+            for ref, rr in d['ratios'].items():
+                for v, r in rr.items():
+                    L.append(f"| {what} | {ref} | {v} | {r['pairs']} | {r['median']:.2f}× | {r['min']:.2f}× | {r['max']:.2f}× | "
+                             f"{r['theirs_median_s']:.3f} | {r['ours_median_s']:.3f} |")
+        L.append('')
+        for k, v in {**res.get('notes', {}), **{k: 'CHANGED MATHS: ' + v for k, v in res.get('changed_maths', {}).items()}}.items():
+            L.append(f'- `{k}`: {v}')
+        L.append('')
+    if 'memory' in res:
+        cuda = env['device'].startswith('cuda')
+        key = 'cuda_peak_gb' if cuda else 'vmhwm_gb'
+        L += [f"## Peak memory ({'torch.cuda.max_memory_allocated' if cuda else 'VmHWM, whole process, reset between modes'}, GB; "
+              'each side in its own process, inference first, then training)', '',
+              '| side | inference | of theirs | training | of theirs | training above start | of theirs |', '|---|---|---|---|---|---|---|']
+        ref = res['memory'].get('theirs', {})
+        def above(m): return m['train_' + key] - (0 if cuda else m['train_rss_before_gb']) if m.get('train_' + key) and m.get('train_rss_before_gb') else None
+        for side, m in res['memory'].items():
+            if 'error' in m: L.append(f'| {side} | error | | | | | |'); continue
+            cells = []
+            for v, r in ((m.get(f'inference_{key}'), ref.get(f'inference_{key}')), (m.get(f'train_{key}'), ref.get(f'train_{key}')),
+                         (above(m), above(ref) if 'error' not in ref else None)):
+                cells += [f'{v:.2f}' if v is not None else '', f'{100 * v / r:.0f} %' if v is not None and r else '']
+            L.append(f"| {side} | " + ' | '.join(cells) + ' |')
+        L += ['', '(Each process builds both models, then drops the other side before measuring. On CPU the whole-process '
+              'peak includes Python, torch, the inputs and what the set-up left; "training above start" is the training '
+              'peak minus the resident size just before the first training step.)', '']
+    L += [f"Command: `{res['command']}`", '']
+    return L
+
+def write_method(res:dict, out:Path, M):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(out) + '.json').write_text(json.dumps(res, indent=1, default=str))
+    L = _method_md(res, M)
+    Path(str(out) + '.md').write_text('\n'.join(L))
+    print('\n'.join(L))
+
+def update_combined(res:dict, out:Path):
+    "Replace (or append) this method's section of results/benchmarks/vs_authors.md, between markers."
+    comb = out.parent / 'vs_authors.md'
+    start, end = f"<!-- vs_authors:{res['method']} -->", f"<!-- /vs_authors:{res['method']} -->"
+    name = dict(hgad='HGAD', hvqtrans='HVQ-Trans')[res['method']]
+    e = res['equivalence']
+    L = [start, f"## {name} against the authors' code (`--method {res['method']} --size {res['size']}`)", '',
+         f"Full output: `{out.name}.md`. Equality rows (max |theirs - ours|): " +
+         ', '.join(f"{k} {e[k]:.2g}" for k in res['equal']) + f" — all within tolerance: {'yes' if all(v is True for v in res['equal'].values()) else 'yes, apart from rows moved by near-tie code flips' if all_equal(res['equal']) else 'NO'}.", '']
+    if 'timing' in res:
+        L += ['| what | theirs | ours | rounds | theirs / ours, median | min | max | theirs (s) | ours (s) |', '|---|---|---|---|---|---|---|---|---|']
+        for what, d in res['timing'].items():
+            for ref, rr in d['ratios'].items():
+                for v, r in rr.items():
+                    L.append(f"| {what} | {ref} | {v} | {r['pairs']} | {r['median']:.2f}× | {r['min']:.2f}× | {r['max']:.2f}× | {r['theirs_median_s']:.3f} | {r['ours_median_s']:.3f} |")
+        L += ['', f"Load average {res.get('loadavg_start')} → {res.get('loadavg_end')}; {res['env']['threads']} thread(s), {res['env']['device']}.", '']
+    L.append(end)
+    text = comb.read_text() if comb.exists() else ''
+    if start in text and end in text:
+        text = text[:text.index(start)] + '\n'.join(L) + text[text.index(end) + len(end):]
+    else: text = text.rstrip('\n') + '\n\n' + '\n'.join(L) + '\n'
+    comb.write_text(text)
+
+# ---------------------------------------------------------------------------------------------------------------
+def authors_step_seconds(method:str, authors_dir:str, device:str='cpu', steps:int=3, size:str='authors') -> dict:
+    """Seconds per training step of the authors' own code at their configuration on `device`: median of `steps`
+    timed steps after one warm-up step. VQ-Flow: their `train_meta_epoch` on one batch (backbone replaced by given
+    random feature maps, as in this benchmark); HGAD: their loop's iteration (backbone + three per-level steps);
+    HVQ-Trans: their `train_one_epoch` iteration (train-mode backbone inside the model). Backbone weights are random."""
+    import torch
+    from _vs_common import timed
+    dev = torch.device(device)
+    if method == 'vqflow':
+        a = types.SimpleNamespace(authors=authors_dir, size=size)
+        S = setup(a, dev)
+        feats = make_feats(S['size'], dev)
+        loader = authors_batch(feats)
+        fn = lambda: authors_train_step(S['A'], S['c'], S['models'], S['params'], S['opt_a'], loader)
+        bs, spec = S['size']['batch'], S['size']
+    else:
+        M = method_module(method)
+        S = M.setup(authors_dir, size, dev)
+        fn, bs, spec = M.authors_step(S), S['spec']['batch'], S['spec']
+    fn()
+    ts = [timed(fn, dev) for _ in range(steps)]
+    import statistics
+    return dict(seconds_per_step=statistics.median(ts), batch_size=int(bs), times=ts, method=method, size=size,
+                spec={k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()}, device=str(dev),
+                threads=torch.get_num_threads(), weights='random backbone')
 
 if __name__ == '__main__': main()

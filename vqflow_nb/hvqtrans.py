@@ -21,7 +21,7 @@ from .method import Method, Schedule, Scores, register_method, Selection
 __all__ = ['VARIANTS', 'LEVELS', 'AUTHORS', 'PROTOCOL', 'CPU_PROFILE', 'StaticSameConv2d', 'static_same_padding',
            'set_drop_connect', 'set_bn_momentum', 'match_lukemelas', 'HVQTransConfig', 'PositionEmbedding',
            'neighbour_mask', 'EncoderLayer', 'DecoderLayer', 'Encoder', 'HierarchicalDecoder', 'ClassCodebooks',
-           'pot_score', 'HVQTrans', 'hvq_maps', 'build']
+           'pot_score', 'HVQTrans', 'box_mean', 'hvq_maps', 'build']
 
 # %% ../nbs/12_hvqtrans.ipynb #5b9144ab
 class StaticSameConv2d(nn.Conv2d):
@@ -438,6 +438,12 @@ def route(self:HVQTrans, e4:Tensor) -> Tensor:
 
 
 # %% ../nbs/12_hvqtrans.ipynb #7c4f65c9
+def box_mean(x:Tensor, # (B, 1, H, W) maps
+             k:int, # window side
+            ) -> Tensor:
+    "`F.avg_pool2d(x, k, stride=1)` as two 1-D means (k rows, then k columns): the same mean, 2k adds per pixel instead of k^2."
+    return F.avg_pool2d(F.avg_pool2d(x, (k, 1), stride=1), (1, k), stride=1)
+
 def hvq_maps(err:Tensor, # per-token map (B, h, w): reconstruction error (+ weighted POT)
              out_size:tuple, # evaluation size (H, W)
              pool:int=16, # window at upsample x token size [code] avgpool_size 16
@@ -446,7 +452,7 @@ def hvq_maps(err:Tensor, # per-token map (B, h, w): reconstruction error (+ weig
     "Upsampled pixel map and image score = max of the mean-pooled map (stride 1)."
     pix = F.interpolate(err[:, None].float(), size=tuple(out_size), mode='bilinear', align_corners=True)
     k = max(1, round(pool * out_size[0] / (upsample * err.shape[-2])))
-    image = F.avg_pool2d(pix, k, stride=1).flatten(1).amax(1)
+    image = box_mean(pix, k).flatten(1).amax(1)
     return Scores(image=image, pixel=pix[:, 0])
 
 @patch
