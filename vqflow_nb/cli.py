@@ -45,6 +45,8 @@ def grid_of(a:argparse.Namespace) -> dict:
         k, eq, v = p.partition('=')
         if not eq: raise ValueError(f"-p {p!r}: expected NAME=VALUE")
         params[k] = parse_param(k, v)
+    if a.config and (a.method or a.seed or a.dataset):   # they select runs of a --notebook; a grid names its own
+        raise ValueError("--method, --seed and --dataset apply to --notebook runs; with --config, edit the grid (or pass -p)")
     if a.config:   # e.g. --config replicate/mvtec_ad.yaml -p data_root=/my/mvtec: the grid's runs on the user's data
         g = load_grid(a.config)
         return dict(g, runs=[dict(r, parameters={**(r.get('parameters') or {}), **params}) for r in g['runs']])
