@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import exists, record
+from .core import exists, record, project_root
 from .protocol import selection_text
 
 # %% auto #0
@@ -86,10 +86,11 @@ FAILURE_FIELDS = ['time', 'dataset', 'method', 'run_id', 'notebook', 'error', 'm
 
 def record_failure(results:str|Path, # the results folder (failures.csv goes there)
                    dataset:str, method:str, run_id:str, notebook:str, error:str, message:str):
-    "Append a row to results/failures.csv."
+    "Append a row to results/failures.csv (paths inside the project written as `<project>/...`)."
     fn = Path(results)/'failures.csv'; fn.parent.mkdir(parents=True, exist_ok=True); new = not fn.exists()
-    row = dict(time=time.strftime('%Y-%m-%dT%H:%M:%S'), dataset=dataset, method=method, run_id=run_id, notebook=notebook,
-               error=error, message=str(message)[:500])
+    rel = lambda s: str(s).replace(str(project_root()), '<project>')
+    row = dict(time=time.strftime('%Y-%m-%dT%H:%M:%S'), dataset=dataset, method=method, run_id=run_id, notebook=rel(notebook),
+               error=error, message=rel(message)[:500])
     with open(fn, 'a', newline='') as f:
         w = csv.DictWriter(f, fieldnames=FAILURE_FIELDS)
         (w.writeheader() if new else None); w.writerow(row)
