@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
+if str(ROOT/'benchmarks') not in sys.path: sys.path.insert(0, str(ROOT/'benchmarks'))
+from _vs_common import sync, timed, maxdiff, ratios, alternate, loadavg   # shared with the per-method sides
 
 # the authors' configuration: README command (--multi-class --quantize-enable --quantize-type residual --concat-pos
 # --mixed-gaussian --extractor convnextv2_base) over `main.py:parsing_args` defaults and `default.py`
@@ -263,19 +265,6 @@ def make_feats(size:dict, device, seed=0):
     B, S = size['batch'], size['input']
     return [torch.randn(B, c, S // s, S // s, generator=g).to(device) for c, s in zip(size['channels'], (4, 8, 16, 32))]
 
-def sync(device):
-    import torch
-    if device.type == 'cuda': torch.cuda.synchronize(device)
-
-def timed(fn, device):
-    sync(device); t = time.perf_counter(); fn(); sync(device); return time.perf_counter() - t
-
-def maxdiff(a, b) -> float:
-    import torch, numpy as np
-    a = a.detach().float().cpu().numpy() if torch.is_tensor(a) else np.asarray(a, dtype=np.float64)
-    b = b.detach().float().cpu().numpy() if torch.is_tensor(b) else np.asarray(b, dtype=np.float64)
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
-
 def setup(args, device):
     "Both sides built, weights transplanted; returns a dict of everything."
     import torch
@@ -318,11 +307,6 @@ def equivalence(S, feats, device) -> dict:
                image_score_scale=float(abs(img_a).max()))
     return res
 
-def ratios(ta, to) -> dict:
-    r = [a / b for a, b in zip(ta, to)]
-    return dict(pairs=len(r), median=statistics.median(r), min=min(r), max=max(r),
-                theirs_median_s=statistics.median(ta), ours_median_s=statistics.median(to))
-
 def timing(S, feats, device, pairs:int, warmup:int, variants:list, infer:bool=True) -> dict:
     "Alternating timings (order swapped every pair) of theirs and each of our variants: training step and inference."
     import torch, copy
@@ -341,12 +325,7 @@ def timing(S, feats, device, pairs:int, warmup:int, variants:list, infer:bool=Tr
         inf[v] = (lambda d=d: _infer_ctx(d, feats, c.input_size))
     out = {}
     for what, fns in (('train_step', step), ('inference', inf)) if infer else (('train_step', step),):
-        for _ in range(warmup):
-            for f in fns.values(): f()
-        names, t = list(fns), {k: [] for k in fns}
-        for i in range(pairs):
-            for k in (names if i % 2 == 0 else names[::-1]): t[k].append(timed(fns[k], device))
-            print(f'  {what} pair {i + 1}/{pairs}: ' + ', '.join(f'{k} {t[k][-1]:.3f}s' for k in names), flush=True)
+        t = alternate(fns, pairs, warmup, device, what)
         out[what] = dict(seconds=t, ratios={v: ratios(t['theirs'], t[v]) for v in sides})
     return out
 
@@ -375,12 +354,17 @@ def memory_child(args):
         m = S['ours']; amp = _patch_variant(m, side); opt, sch = ours_optimizer(m)
         modes = dict(inference=lambda: _infer_ctx(dict(model=m, amp=amp), feats, S['c'].input_size),
                      train=lambda: ours_train_step(m, opt, sch, feats, amp))
+    print_peaks(side, modes, device, args.mem_steps)
+
+def print_peaks(side:str, modes:dict, device, steps:int):
+    "Run each mode's callable `steps` times after resetting the peak; print the peaks as one `MEMORY` JSON line."
+    import torch, gc
     res = dict(side=side)
     for mode, fn in modes.items():
         sync(device); gc.collect()
         if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
         res[f'{mode}_rss_before_gb'], res[f'{mode}_reset'] = _rss_gb(), _reset_hwm()
-        for _ in range(args.mem_steps): fn()
+        for _ in range(steps): fn()
         sync(device)
         res[f'{mode}_vmhwm_gb'] = _vmhwm_gb()
         if device.type == 'cuda': res[f'{mode}_cuda_peak_gb'] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
@@ -560,7 +544,6 @@ def portable_command() -> str:
 def run_method(args):
     "`--method hgad|hvqtrans`: equality first, then alternating timings, then memory per side in its own process."
     import torch, gc
-    from _vs_common import alternate, ratios, loadavg
     M = method_module(args.method)
     if args.out is None: args.out = str(ROOT / 'results' / 'benchmarks' / f'vs_authors_{args.method}')
     variants = [v.strip() for v in (args.variants or ','.join(M.VARIANTS)).split(',') if v.strip()]
@@ -612,17 +595,7 @@ def method_memory_child(args, M):
     try:   # give the dropped side's freed pages back to the system, so the kept side's peak is its own
         import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0)
     except Exception: pass
-    res = dict(side=side)
-    for mode in ('inference', 'train'):
-        fn = keep['infer' if mode == 'inference' else 'train']
-        sync(device); gc.collect()
-        if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(device)
-        res[f'{mode}_rss_before_gb'], res[f'{mode}_reset'] = _rss_gb(), _reset_hwm()
-        for _ in range(args.mem_steps): fn()
-        sync(device)
-        res[f'{mode}_vmhwm_gb'] = _vmhwm_gb()
-        if device.type == 'cuda': res[f'{mode}_cuda_peak_gb'] = torch.cuda.max_memory_allocated(device) / 1024 ** 3
-    print('MEMORY ' + json.dumps(res), flush=True)
+    print_peaks(side, dict(inference=keep['infer'], train=keep['train']), device, args.mem_steps)
 
 def _method_md(res:dict, M) -> list:
     e, env = res['equivalence'], res['env']
@@ -710,7 +683,6 @@ def authors_step_seconds(method:str, authors_dir:str, device:str='cpu', steps:in
     random feature maps, as in this benchmark); HGAD: their loop's iteration (backbone + three per-level steps);
     HVQ-Trans: their `train_one_epoch` iteration (train-mode backbone inside the model). Backbone weights are random."""
     import torch
-    from _vs_common import timed
     dev = torch.device(device)
     if method == 'vqflow':
         a = types.SimpleNamespace(authors=authors_dir, size=size)

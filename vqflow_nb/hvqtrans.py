@@ -466,12 +466,11 @@ def score(self:HVQTrans, feats:list, batch:dict|None=None, out_size:tuple|None=N
     rec = self._decode(q['qs'], cls)
     err = (rec - target).pow(2).sum(1).sqrt()                                   # (B, h, w)
     out_size = default(out_size, lambda: tuple(self.cfg.upsample * s for s in self.cfg.feature_size))
-    no_pot = hvq_maps(err, out_size, self.cfg.pool, self.cfg.upsample).image   # what the authors select on (HVQ_TR_switch, no POT)
-    if self.cfg.ot_weight:
-        ot = torch.stack([pot_score(q['f0'][i], self.codebooks.book(int(c), 'e0').codes, self.cfg.ot_temperature)
-                          for i, c in enumerate(cls.tolist())])
-        err = err + self.cfg.ot_weight * ot.view_as(err)
-    return hvq_maps(err, out_size, self.cfg.pool, self.cfg.upsample)._replace(parts=dict(no_pot=no_pot))
+    s = hvq_maps(err, out_size, self.cfg.pool, self.cfg.upsample)   # without POT: what the authors select on (HVQ_TR_switch)
+    if not self.cfg.ot_weight: return s._replace(parts=dict(no_pot=s.image))
+    ot = torch.stack([pot_score(q['f0'][i], self.codebooks.book(int(c), 'e0').codes, self.cfg.ot_temperature)
+                      for i, c in enumerate(cls.tolist())])
+    return hvq_maps(err + self.cfg.ot_weight * ot.view_as(err), out_size, self.cfg.pool, self.cfg.upsample)._replace(parts=dict(no_pot=s.image))
 
 # %% ../nbs/12_hvqtrans.ipynb #f1811b48
 @patch

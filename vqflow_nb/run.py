@@ -31,8 +31,8 @@ from . import viz
 # %% auto #0
 __all__ = ['PUBLISHED_CLASSES', 'CPU_HINT', 'make_extractor', 'resolve_data', 'synthetic_root', 'train_classes', 'dataset_name',
            'per_dataset', 'is_faithful', 'deviations', 'ran_config', 'run_info', 'RunFolderBusy', 'run_lock',
-           'die_with_parent', 'run_data', 'per_kind_table', 'dataset_numbers', 'run_experiment', 'resolve_protocol',
-           'protocol_doc', 'run_figures', 'show_run']
+           'die_with_parent', 'run_data', 'per_kind_table', 'dataset_numbers', 'schedule_overrides', 'build_method',
+           'run_experiment', 'resolve_protocol', 'protocol_doc', 'run_figures', 'show_run']
 
 # %% ../nbs/30c_run.ipynb #e1fb0a4d
 def make_extractor(backbone:str|None=None, # a preset of `vqflow_nb.features.PRESETS`, a timm model name, or None
@@ -227,6 +227,20 @@ def dataset_numbers(cfg:RunConfig, run:dict, root, data:dict, cache_dir, progres
     return dataset_protocol_metrics(cfg.dataset, run['scores'], test_ds, val_per)
 
 # %% ../nbs/30c_run.ipynb #9edf4e6e
+def schedule_overrides(cfg:RunConfig) -> dict:
+    "The `Schedule` fields a run sets; the others stay its method's own."
+    return {k: getattr(cfg, k) for k in ('epochs', 'batch_size', 'lr', 'eval_every', 'warmup_epochs') if exists(getattr(cfg, k))}
+
+def build_method(cfg:RunConfig, n_classes:int, # the run's configuration (profile resolved), the classes it trains on
+                 weights:str|None=None, # None: the run's (`cfg.weights`); e.g. 'random' where only the structure matters
+                 small:bool|None=None, # None: as the run decides (`model_size`; 'auto': small for an offline preset)
+                ) -> tuple:
+    "What a run of `cfg` builds before it sees data: (backbone preset, feature extractor, small, method)."
+    spec = method_spec(cfg.method); preset = default(cfg.backbone, spec.offline)
+    ext = make_extractor(preset, default(weights, cfg.weights), cfg.image_size, cfg.method)
+    small = default(small, lambda: cfg.model_size == 'small' or (cfg.model_size == 'auto' and 'offline' in preset))
+    return preset, ext, small, spec.build(ext.channels, variant=cfg.variant, small=small, seed=cfg.seed, n_classes=n_classes, extractor=ext)
+
 CPU_HINT = ("Run the method's measured CPU reductions with profile='cpu' (-p profile=cpu), or raise time_limit; "
             "the authors' schedules are sized for a GPU.")
 
@@ -241,19 +255,14 @@ def run_experiment(cfg:RunConfig|str|None=None, # a `RunConfig`, or a dataset na
     set_threads(); seed_everything(cfg.seed)
     out_dir = Path(default(cfg.out_dir, lambda: tempfile.mkdtemp(prefix=f'vqflow_{cfg.dataset}_')))
     cache_dir = Path(default(cfg.cache_dir, lambda: project_root()/'.cache'/'features'))
-    spec = method_spec(cfg.method)
-    root, preset = resolve_data(cfg.dataset, cfg.data_root), default(cfg.backbone, spec.offline)
-    ext, dev = make_extractor(preset, cfg.weights, cfg.image_size, cfg.method), get_device(cfg.device)
-    small = cfg.model_size == 'small' or (cfg.model_size == 'auto' and 'offline' in preset)
-    n_cls = len(train_classes(root, cfg.classes))
-    model = spec.build(ext.channels, variant=cfg.variant, small=small, seed=cfg.seed, n_classes=n_cls, extractor=ext)
+    root, dev = resolve_data(cfg.dataset, cfg.data_root), get_device(cfg.device)
+    preset, ext, small, model = build_method(cfg, len(train_classes(root, cfg.classes)))
     data = run_data(cfg, ext)
     train_ds, test_ds, train_s, test_s = _stores(root, cfg.classes, ext, model.needs_images, cache_dir, dev, progress, data)
-    overrides = {k: getattr(cfg, k) for k in ('epochs', 'batch_size', 'lr', 'eval_every', 'warmup_epochs') if exists(getattr(cfg, k))}
     with (run_lock(out_dir) if is_main_process() else contextlib.nullcontext()):
         res = fit(model, train_s, test_s, seed=cfg.seed, device=dev, out_dir=out_dir, class_names=list(train_ds.classes),
                   aupro_variant=cfg.aupro_variant, progress=progress,
-                  time_limit=None if cfg.time_limit is None else 3600 * cfg.time_limit, limit_hint=CPU_HINT, **overrides)
+                  time_limit=None if cfg.time_limit is None else 3600 * cfg.time_limit, limit_hint=CPU_HINT, **schedule_overrides(cfg))
         run = dict(fit=res, model=model, test_ds=test_ds, test_features=test_s, out_dir=out_dir, device=dev,
                    counts=test_ds.counts(), extractor=ext, config=cfg, data=data)
         if not is_main_process(): return run   # torchrun: every rank trained; rank 0 evaluated and writes
@@ -271,12 +280,8 @@ def resolve_protocol(cfg:RunConfig|None=None, # the configuration (None: from `p
                      **params) -> dict:
     "The protocol (`protocol.run_protocol`) a run of this configuration follows, without data or training."
     cfg = resolve_profile(run_config(dict(asdict(cfg) if cfg else {}, **params)))
-    spec = method_spec(cfg.method); preset = default(cfg.backbone, spec.offline)
-    ext = make_extractor(preset, 'random', cfg.image_size, cfg.method)
-    small = default(small, cfg.model_size == 'small' or (cfg.model_size == 'auto' and 'offline' in preset))
-    n_cls = len(PUBLISHED_CLASSES.get(cfg.dataset) or MVTEC_CLASSES)
-    model = spec.build(ext.channels, variant=cfg.variant, small=small, seed=cfg.seed, n_classes=n_cls, extractor=ext)
-    sch = replace(model.schedule(), **{k: getattr(cfg, k) for k in ('epochs', 'batch_size', 'lr', 'eval_every', 'warmup_epochs') if exists(getattr(cfg, k))})
+    preset, ext, _, model = build_method(cfg, len(PUBLISHED_CLASSES.get(cfg.dataset) or MVTEC_CLASSES), weights='random', small=small)
+    sch = replace(model.schedule(), **schedule_overrides(cfg))
     weights = default(cfg.weights, PRESETS.get(preset, {}).get('weights', 'timm'))
     return run_protocol(model, sch, ext.config, run_data(cfg, ext), ext.norm_name, weights)
 

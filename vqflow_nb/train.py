@@ -117,7 +117,7 @@ def metric_table(per_class:dict, # output of `collect_scores`
                  extra:tuple=(), # `parts` keys holding another image score per item (`Method.extra_image_scores`): adds `i_auroc_<key>`
                 ) -> pd.DataFrame:
     "Per-class metric rows (index = class names) plus a `mean` row; `attrs['degenerate']` names degenerate classes."
-    from vqflow_nb.metrics import evaluate_classes
+    from vqflow_nb.metrics import evaluate_classes, image_metrics
     degen = degenerate_checks(per_class, class_names)      # first: the metric functions refuse non-finite maps
     pixel = lambda d: d['has_mask'] and d['masks'].any()   # image-level-only classes: pixel metrics None, never invented
     t = evaluate_classes({class_names[c]: dict(labels=d['labels'], scores=d['scores'],
@@ -125,15 +125,10 @@ def metric_table(per_class:dict, # output of `collect_scores`
                           for c, d in sorted(per_class.items())}, aupro_variant=aupro_variant)
     t = t[list(METRICS)].astype(float)
     for k in extra:   # another image score of the same evaluation (VQ-Flow's add map, HVQ-Trans without POT): its mean AUROC too
-        col = {class_names[c]: _auroc(d['labels'], d['parts'][k]) for c, d in per_class.items()}
+        col = {class_names[c]: image_metrics(d['labels'], d['parts'][k])['i_auroc'] for c, d in per_class.items()}
         t[f'i_auroc_{k}'] = pd.Series(col).reindex(t.index).fillna({'mean': np.nanmean(list(col.values()))})
     t.attrs['degenerate'] = degen
     return t
-
-def _auroc(labels, scores) -> float:
-    "Image AUROC of one class; NaN when it has one label only."
-    from sklearn.metrics import roc_auc_score
-    return float(roc_auc_score(labels, scores)) if len(set(np.asarray(labels).tolist())) == 2 else float('nan')
 
 def evaluate(method, store, class_names=None, batch_size:int=8, device=None, aupro_variant:str='exact',
              progress:bool=True) -> pd.DataFrame:
