@@ -19,9 +19,10 @@ from scipy.stats import special_ortho_group
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['QUANT_CONV_LIMITS', 'positional_encoding_2d', 'ConvLNSubnet', 'subnet_conv_ln', 'subnet_fc', 'FCSubnet',
-           'BroadcastCond', 'QuantCond', 'PosCond', 'conv_broadcast', 'conv_quantised', 'AllInOneBlock', 'SequenceFlow',
-           'conditional_flow', 'FusionSubnet', 'FusionCoupling', 'vqflow_flows', 'hgad_flow', 'count_params']
+__all__ = ['LN_NCHW', 'QUANT_CONV_LIMITS', 'positional_encoding_2d', 'ln_channels', 'ConvLNSubnet', 'subnet_conv_ln', 'subnet_fc',
+           'FCSubnet', 'BroadcastCond', 'QuantCond', 'PosCond', 'conv_broadcast', 'conv_quantised', 'AllInOneBlock',
+           'SequenceFlow', 'conditional_flow', 'FusionSubnet', 'FusionCoupling', 'vqflow_flows', 'hgad_flow',
+           'count_params']
 
 # %% ../nbs/04_flows.ipynb #76aa97a6
 def positional_encoding_2d(
@@ -47,6 +48,20 @@ def positional_encoding_2d(
     pe[half + 1::2] = repeat(torch.cos(ang_h), "h k -> k h w", w=width)
     return pe.to(dtype)
 
+# %% ../nbs/04_flows.ipynb #edfa41f2
+# where a contiguous (NCHW) map after the LayerNorm measured faster on the CPU (docs/performance.md); elsewhere the
+# channels-last view the permute leaves, as in the authors' code
+LN_NCHW = dict(max_positions=144, min_channels=256)
+
+def ln_channels(ln:nn.LayerNorm, # LayerNorm over C
+                h:Tensor, # (B,C,H,W)
+               ) -> Tensor:
+    "`ln` over the channels of a map: permute to channels-last, normalise, permute back (contiguous where that measured faster)."
+    y = rearrange(ln(rearrange(h, "b c h w -> b h w c")), "b h w c -> b c h w")
+    if y.device.type == 'cpu' and y.shape[2] * y.shape[3] <= LN_NCHW['max_positions'] and y.shape[1] >= LN_NCHW['min_channels']:
+        y = y.contiguous()
+    return y
+
 # %% ../nbs/04_flows.ipynb #4ad06530
 class ConvLNSubnet(nn.Module):
     "conv3x3 -> LayerNorm over channels -> ReLU -> conv3x3 (VQ-Flow/MSFlow `subnet_conv_ln`)."
@@ -69,8 +84,7 @@ class ConvLNSubnet(nn.Module):
             raise ValueError(f"ConvLNSubnet expects a (B,C,H,W) map, got shape {tuple(x.shape)}; use subnet_fc for vectors")
         if vec is None: h = self.conv1(x)
         else: h = conv_quantised(self.conv1, x, vec) if isinstance(vec, QuantCond) else conv_broadcast(self.conv1, x, vec)
-        h = rearrange(self.ln(rearrange(h, "b c h w -> b h w c")), "b h w c -> b c h w")
-        return self.conv2(self.relu(h))
+        return self.conv2(self.relu(ln_channels(self.ln, h)))
 
 def subnet_conv_ln(c_in:int, # input channels
                    c_out:int, # output channels
@@ -166,6 +180,49 @@ def _tap_mask(n:int, k:int, stride:int, pad:int, dil:int, like:Tensor) -> Tensor
     src = i * stride - pad + dil * torch.arange(k, device=like.device)[None]
     return ((src >= 0) & (src < n)).to(like.dtype)
 
+def _vec_taps(vec:Tensor, # (B,C)
+              w:Tensor, # (O,C,kh,kw), may be a channel slice of a larger weight (read in place, not copied)
+             ) -> Tensor:
+    "(B,O,kh*kw): W_tap v for every tap and image, one small product per output channel."
+    t = torch.bmm(w.flatten(2).transpose(1, 2), vec.t().to(w.dtype).unsqueeze(0).expand(w.shape[0], -1, -1))
+    return t.permute(2, 0, 1)
+
+def _vec_taps_wgrad(vec:Tensor, dtaps:Tensor) -> Tensor:
+    "(O,C,kh*kw): the weight gradient of `_vec_taps` from the taps' gradient (B,O,kh*kw): sum over images of v dtaps."
+    B, O, T = dtaps.shape
+    return (vec.t().to(dtaps.dtype) @ dtaps.reshape(B, O * T)).view(-1, O, T).transpose(0, 1)
+
+def _vec_taps_vgrad(w:Tensor, dtaps:Tensor) -> Tensor:
+    "(B,C): the vector's gradient of `_vec_taps`."
+    return torch.bmm(w.flatten(2), dtaps.permute(1, 2, 0)).sum(0).t()
+
+# %% ../nbs/04_flows.ipynb #6e03c1f2
+class _BroadcastConv(torch.autograd.Function):
+    "conv(cat([x, vec repeated])) from the weight as one tensor: its gradient is written into one buffer, no split or copies of the vector part."
+    @staticmethod
+    def forward(ctx, x, vec, rows, cols, w, b, stride, padding, dilation):
+        cm, (O, _, kh, kw) = x.shape[1], w.shape
+        y = F.conv2d(x, w[:, :cm], b, stride, padding, dilation)
+        taps = _vec_taps(vec, w[:, cm:]).view(x.shape[0], O, kh, kw)            # W_k p for every tap k
+        ctx.save_for_backward(x, vec, rows, cols, w)
+        ctx.conf, ctx.has_b = (stride, padding, dilation), b is not None
+        return y.add_(torch.einsum("hi,boij,wj->bohw", rows, taps, cols))      # summed over the in-image taps
+
+    @staticmethod
+    def backward(ctx, g):
+        x, vec, rows, cols, w = ctx.saved_tensors
+        need, (stride, padding, dilation) = ctx.needs_input_grad, ctx.conf
+        g, cm, (O, _, kh, kw) = g.contiguous(), x.shape[1], w.shape
+        dx, dwm, db = torch.ops.aten.convolution_backward(g, x, w[:, :cm], [O] if ctx.has_b else None, stride, padding,
+                                                          dilation, False, [0, 0], 1, [need[0], need[4], need[5] and ctx.has_b])
+        dtaps = torch.einsum("hi,bohw,wj->boij", rows, g, cols).reshape(x.shape[0], O, kh * kw)
+        dw = dvec = None
+        if need[4]:
+            dw = torch.empty_like(w); dw[:, :cm] = dwm
+            dw[:, cm:] = _vec_taps_wgrad(vec, dtaps).view(O, -1, kh, kw)
+        if need[1]: dvec = _vec_taps_vgrad(w[:, cm:], dtaps)
+        return dx, dvec, None, None, dw, db, None, None, None
+
 def conv_broadcast(conv:nn.Conv2d, # the convolution (groups=1, zero padding)
                    x:Tensor, # (B,C_m,H,W) leading input channels
                    vec:Tensor, # (B,C_v) trailing input channels, the same at every position
@@ -176,12 +233,14 @@ def conv_broadcast(conv:nn.Conv2d, # the convolution (groups=1, zero padding)
     w, cm = conv.weight, x.shape[1]
     if cm + vec.shape[1] != w.shape[1]:
         raise ValueError(f"conv_broadcast: {cm} map + {vec.shape[1]} vector channels != the conv's {w.shape[1]} inputs")
-    w_map, w_vec = torch.split(w, [cm, vec.shape[1]], 1)   # split: its backward writes one weight gradient, no zero-filled copies
-    y = F.conv2d(x, w_map, conv.bias, conv.stride, conv.padding, conv.dilation)
-    taps = torch.einsum("bc,ocij->boij", vec.to(y.dtype), w_vec.to(y.dtype))  # W_k p for every tap k
-    rows = _tap_mask(x.shape[2], w.shape[2], conv.stride[0], conv.padding[0], conv.dilation[0], y)
-    cols = _tap_mask(x.shape[3], w.shape[3], conv.stride[1], conv.padding[1], conv.dilation[1], y)
-    return y + torch.einsum("hi,boij,wj->bohw", rows, taps, cols)
+    rows = _tap_mask(x.shape[2], w.shape[2], conv.stride[0], conv.padding[0], conv.dilation[0], w)
+    cols = _tap_mask(x.shape[3], w.shape[3], conv.stride[1], conv.padding[1], conv.dilation[1], w)
+    if torch.is_autocast_enabled(x.device.type):   # mixed precision: autograd of the same products, in the autocast dtype
+        w_map, w_vec = torch.split(w, [cm, vec.shape[1]], 1)
+        y = F.conv2d(x, w_map, conv.bias, conv.stride, conv.padding, conv.dilation)
+        taps = torch.einsum("bc,ocij->boij", vec.to(y.dtype), w_vec.to(y.dtype))
+        return y + torch.einsum("hi,boij,wj->bohw", rows.to(y.dtype), taps, cols.to(y.dtype))
+    return _BroadcastConv.apply(x, vec, rows, cols, w, conv.bias, conv.stride, conv.padding, conv.dilation)
 
 # %% ../nbs/04_flows.ipynb #17480582
 def _tap_index(index:Tensor, K:int, kh:int, kw:int, pad:int) -> Tensor:
@@ -191,42 +250,50 @@ def _tap_index(index:Tensor, K:int, kh:int, kw:int, pad:int) -> Tensor:
     cols = [ip[:, i:i + Ho, j:j + Wo] * (kh * kw) + (i * kw + j) for i in range(kh) for j in range(kw)]
     return torch.stack(cols, -1).reshape(-1, kh * kw)
 
-class _CodeConv(torch.autograd.Function):
-    "Convolution of codes[index]: gather-sum of W_tap e_k; backward: scatter-add over codes, straight-through to `pattern`."
+class _QuantConv(torch.autograd.Function):
+    "conv(cat([x, pattern, vec repeated])) of a residual-quantised pattern: PE once, prototype taps, gather of code tables; one weight-gradient buffer."
     @staticmethod
-    def forward(ctx, w, codes, tap_idx, pattern, pad):
-        C_out, C_p, kh, kw = w.shape
-        w_r = w.permute(2, 3, 0, 1).reshape(kh * kw * C_out, C_p)       # rows (tap, out channel)
-        e = F.pad(codes.to(w.dtype), (0, 0, 0, 1))                       # + a zero code (padding)
-        T = (e @ w_r.t()).view(-1, C_out)                                # row k*taps + tap = W_tap e_k
-        ctx.save_for_backward(w, codes, tap_idx); ctx.pad, ctx.pshape = pad, pattern.shape
-        y = F.embedding_bag(tap_idx, T, mode='sum')                      # each position's sum of its 9 rows
-        B, _, H, W = pattern.shape
-        return y.view(B, H + 2 * pad - kh + 1, W + 2 * pad - kw + 1, C_out).permute(0, 3, 1, 2)
+    def forward(ctx, x, pattern, vec, pe, codes, tap_idx, rc, w, b, pad):
+        (B, cx), (ce, cv), (O, _, kh, kw), L = x.shape[:2], (pe.shape[0], vec.shape[1]), w.shape, rc.shape[1]
+        w_x, w_e, w_pp, w_v = torch.split(w, [cx, ce, cv, cv], 1)                  # views, not copies
+        pe_out = F.conv2d(pe[None].to(w.dtype), w_e, b, 1, pad)                    # the same for every image (and the bias)
+        # the pattern's prototype part carries no gradient to p (straight-through, see backward); the broadcast channels do
+        taps = _vec_taps(vec, w_pp) + _vec_taps(vec, w_v)
+        y = torch.baddbmm(pe_out.view(1, O, L), taps, rc.expand(B, -1, -1)).view(B, O, *pe_out.shape[2:])
+        y.add_(F.conv2d(x, w_x, None, 1, pad))                                     # the passive half
+        w_r = w[:, cx:cx + ce + cv].permute(2, 3, 0, 1).reshape(kh * kw * O, ce + cv)  # rows (tap, out channel)
+        T = (F.pad(codes.to(w.dtype), (0, 0, 0, 1)) @ w_r.t()).view(-1, O)        # row k*taps + tap = W_tap e_k; + a zero code (padding)
+        y.add_(F.embedding_bag(tap_idx, T, mode='sum').view(B, *y.shape[2:], O).permute(0, 3, 1, 2))  # each position's nine rows
+        ctx.save_for_backward(x, vec, pe, codes, tap_idx, rc, w)
+        ctx.pad, ctx.has_b, ctx.hw = pad, b is not None, pattern.shape[2:]
+        return y
 
-    @staticmethod
-    def backward(ctx, g):
-        w, codes, tap_idx = ctx.saved_tensors
-        C_out, C_p, kh, kw = w.shape
-        K, dw, dcodes, dpat = codes.shape[0], None, None, None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            rows = g.permute(0, 2, 3, 1).reshape(-1, C_out)
-            S = g.new_zeros((K + 1) * kh * kw, C_out)
-            for t in range(kh * kw): S.index_add_(0, tap_idx[:, t], rows)   # S[k, tap] = sum of dy over positions reading code k there
-            S = S.view(K + 1, kh * kw * C_out)[:K]
-            if ctx.needs_input_grad[0]:
-                dw = (S.t() @ codes.to(S.dtype)).view(kh, kw, C_out, C_p).permute(2, 3, 0, 1)
-            if ctx.needs_input_grad[1]:
-                dcodes = (S @ w.permute(2, 3, 0, 1).reshape(kh * kw * C_out, C_p)).to(codes.dtype)
-        if ctx.needs_input_grad[3]: dpat = torch.nn.grad.conv2d_input(ctx.pshape, w, g, padding=ctx.pad)
-        return dw, dcodes, None, dpat, None
-
-class _ContiguousGrad(torch.autograd.Function):
-    "Identity whose backward makes the incoming gradient contiguous once (it arrives channels-last from the LayerNorm's permute), not once per consumer."
-    @staticmethod
-    def forward(ctx, x): return x.view_as(x)
-    @staticmethod
-    def backward(ctx, g): return g.contiguous()
+# %% ../nbs/04_flows.ipynb #f7ae3205
+@patch
+def backward(ctx:_QuantConv, g):
+    "Scatter-add of the output gradient over codes for the code tables' weights; straight-through to the pattern; one dW."
+    x, vec, pe, codes, tap_idx, rc, w = ctx.saved_tensors
+    need, g = ctx.needs_input_grad, g.contiguous()
+    (B, O), (cx, ce, cv), (kh, kw), K = g.shape[:2], (x.shape[1], pe.shape[0], vec.shape[1]), w.shape[2:], codes.shape[0]
+    cp, dx, dpat, dvec, dcodes, dw, db = ce + cv, None, None, None, None, None, None
+    if need[0] or need[1]:   # the passive half and the pattern (its gradient goes to the codebook's input) in one transposed convolution
+        dx, dpat = torch.split(torch.nn.grad.conv2d_input((B, cx + cp, *ctx.hw), w[:, :cx + cp], g, padding=ctx.pad), [cx, cp], 1)
+    dtaps = torch.bmm(g.view(B, O, -1), rc.t().expand(B, -1, -1))                  # (B, O, taps)
+    if need[2]: dvec = _vec_taps_vgrad(w[:, cx + cp:], dtaps)                    # only through the broadcast channels
+    if need[4] or need[7]:   # S[k, tap] = sum of dy over the positions that read code k through that tap
+        S, rows = g.new_zeros((K + 1) * kh * kw, O), g.permute(0, 2, 3, 1).reshape(-1, O)
+        for t in range(kh * kw): S.index_add_(0, tap_idx[:, t], rows)
+        S = S.view(K + 1, kh * kw * O)[:K]
+    if need[7]:
+        dw, dv = torch.empty_like(w), _vec_taps_wgrad(vec, dtaps).view(O, cv, kh, kw)
+        dcode = (S.t() @ codes.to(S.dtype)).view(kh, kw, O, cp).permute(2, 3, 0, 1)
+        dw[:, :cx] = torch.nn.grad.conv2d_weight(x, (O, cx, kh, kw), g, padding=ctx.pad)
+        dw[:, cx:cx + ce] = dcode[:, :ce] + torch.nn.grad.conv2d_weight(pe[None].to(g.dtype), (O, ce, kh, kw), g.sum(0, keepdim=True), padding=ctx.pad)
+        dw[:, cx + ce:cx + cp].copy_(dcode[:, ce:]).add_(dv)
+        dw[:, cx + cp:] = dv
+    if need[4]: dcodes = (S @ w[:, cx:cx + cp].permute(2, 3, 0, 1).reshape(kh * kw * O, cp)).to(codes.dtype)
+    if need[8] and ctx.has_b: db = g.sum((0, 2, 3))
+    return dx, dpat, dvec, None, dcodes, None, None, dw, db, None
 
 # %% ../nbs/04_flows.ipynb #4b0347ff
 # when the gather pays (measured A/B, `benchmarks/bench_fast_paths.py`, docs/performance.md): enough positions per code
@@ -252,19 +319,10 @@ def conv_quantised(conv:nn.Conv2d, # the convolution (3x3-like: groups=1, stride
     if (B * H * W < min_positions_per_code * q.codes.shape[0] or torch.is_autocast_enabled(x.device.type)
             or not torch.is_floating_point(w)):
         return conv_broadcast(conv, torch.cat([x, q.pattern], 1), q.vec)
-    w_x, w_e, w_pp, w_v = torch.split(w, [cx, ce, cv, cv], 1)
     pad, (kh, kw) = conv.padding[0], w.shape[2:]
     Ho, Wo = H + 2 * pad - kh + 1, W + 2 * pad - kw + 1
-    pe = F.conv2d(q.pe[None].to(w.dtype), w_e, conv.bias, 1, conv.padding)   # the same for every image (and the bias)
-    # the pattern's prototype part carries no gradient to p (straight-through); the broadcast channels do
-    taps = torch.einsum("bc,ocij->boij", q.vec.detach().to(w.dtype), w_pp) + torch.einsum("bc,ocij->boij", q.vec.to(w.dtype), w_v)
     rc = torch.einsum("hi,wj->ijhw", _tap_mask(H, kh, 1, pad, 1, w), _tap_mask(W, kw, 1, pad, 1, w)).reshape(kh * kw, Ho * Wo)
-    # PE term + in-image taps of the prototype in one (B, C_out, H*W) map; then the passive half, and the codes in place
-    # (in place on the sum, not on a view of it: autograd would clone the map for every in-place op on a view)
-    y = torch.baddbmm(pe.view(1, -1, Ho * Wo), taps.flatten(2), rc.expand(B, -1, -1))
-    y = y.view(B, -1, Ho, Wo) + F.conv2d(x, w_x, None, 1, conv.padding)
-    code = _CodeConv.apply(torch.cat([w_e, w_pp], 1), q.codes, _tap_index(q.index, q.codes.shape[0], kh, kw, pad), q.pattern, pad)
-    return _ContiguousGrad.apply(y.add_(code))
+    return _QuantConv.apply(x, q.pattern, q.vec, q.pe, q.codes, _tap_index(q.index, q.codes.shape[0], kh, kw, pad), rc, w, conv.bias, pad)
 
 # %% ../nbs/04_flows.ipynb #ce5e4bf6
 def _global_affine_init(kind:str, init:float) -> float:
@@ -522,8 +580,7 @@ def forward(self:FusionSubnet, hs:list[Tensor], c:Tensor|None=None) -> list[tupl
     if isinstance(c, QuantCond): f = conv_quantised(self.conv1, torch.cat(pooled, 1), c)
     elif isinstance(c, BroadcastCond): f = conv_broadcast(self.conv1, torch.cat(pooled + [c.map], 1), c.vec)
     else: f = self.conv1(torch.cat(pooled + ([c] if c is not None else []), 1))
-    f = rearrange(self.norm(rearrange(f, "b c h w -> b h w c")), "b h w c -> b c h w")
-    f = F.relu(self.conv2(F.relu(f)))
+    f = F.relu(self.conv2(F.relu(ln_channels(self.norm, f))))
     fs = torch.split(f, self.in_channels, 1)
     fs = [h + F.interpolate(a, size=h.shape[-2:], mode="bilinear", align_corners=True) for h, a in zip(hs, fs)]
     # s and t in the maps' dtype: under autocast the convolutions run in bf16/fp16, the coupling in float32
