@@ -50,17 +50,20 @@ SMOKE_CLASSES = ['bottle', 'grid', 'toothbrush']   # an object, a greyscale text
 
 # ---------------------------------------------------------------------------------------------------------------
 # the arithmetic (tested in tests/test_dress_rehearsal.py)
-def n_validations(epochs:int, eval_every:int) -> int:
-    "Validations in a schedule: after every `eval_every`-th epoch and after the last (the trainer's rule, `20_train.fit`)."
-    return sum(1 for e in range(epochs) if (e + 1) % eval_every == 0 or e + 1 == epochs)
+def n_validations(epochs:int, eval_every:int, eval_first:bool=False) -> int:
+    """Validations in a schedule, by the trainer's own rule (`Schedule.evaluates`): the authors' validation epochs
+    (every `eval_every`-th, counted from the first epoch when `eval_first`, as HVQ-Trans) and always the last."""
+    from vqflow_nb.method import Schedule
+    s = Schedule(epochs=epochs, eval_every=eval_every, eval_first=eval_first)
+    return sum(s.evaluates(e) for e in range(epochs))
 
 def steps_per_epoch(n:int, batch_size:int, drop_last:bool) -> int:
     "Optimiser steps in one pass over `n` images."
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
-def projected_hours(epochs:int, eval_every:int, s_epoch:float, s_val:float, setup_s:float=0.0) -> float:
+def projected_hours(epochs:int, eval_every:int, s_epoch:float, s_val:float, setup_s:float=0.0, eval_first:bool=False) -> float:
     "Hours of a whole schedule: set-up once, `epochs` training epochs, and its validations."
-    return (setup_s + epochs * s_epoch + n_validations(epochs, eval_every) * s_val) / 3600
+    return (setup_s + epochs * s_epoch + n_validations(epochs, eval_every, eval_first) * s_val) / 3600
 
 def scale_to_full(run:dict, full:dict, batch_size:int, drop_last:bool) -> dict:
     """Per-epoch, per-validation and set-up seconds of the full data set from a run on fewer images: training in
@@ -86,7 +89,7 @@ def authors_schedule(method:str) -> dict:
         return dict(epochs=c.meta_epochs * c.sub_epochs, eval_every=c.eval_every, batch_size=c.batch_size, drop_last=True)
     if method == 'hvqtrans':
         from vqflow_nb.hvqtrans import HVQTransConfig; c = HVQTransConfig()
-        return dict(epochs=c.epochs, eval_every=c.eval_every, batch_size=c.batch_size, drop_last=False)
+        return dict(epochs=c.epochs, eval_every=c.eval_every, eval_first=True, batch_size=c.batch_size, drop_last=False)
     if method == 'patchcore':
         from vqflow_nb.patchcore import PatchCoreConfig; c = PatchCoreConfig()
         return dict(epochs=1, eval_every=1, batch_size=c.batch_size, drop_last=False)
@@ -283,9 +286,10 @@ def rehearse(method:str, args, data_root:Path, work:Path, engine:str) -> dict:
         f = scale_to_full(dict(counts, s_epoch=row['s_epoch'], s_val=row['s_val'], setup_s=row['setup_s'], extract_s=row['extract_s']),
                           full, bs, sch['drop_last'])
         row['full'] = f
-        row['projected_hours'] = projected_hours(sch['epochs'], sch['eval_every'], f['s_epoch'], f['s_val'] or 0.0, f['setup_s'] or 0.0)
+        row['projected_hours'] = projected_hours(sch['epochs'], sch['eval_every'], f['s_epoch'], f['s_val'] or 0.0, f['setup_s'] or 0.0,
+                                                 sch.get('eval_first', False))
         row['projected_train_hours'] = ((f['setup_s'] or 0.0) + sch['epochs'] * f['s_epoch']) / 3600
-        row['n_validations'] = n_validations(sch['epochs'], sch['eval_every'])
+        row['n_validations'] = n_validations(sch['epochs'], sch['eval_every'], sch.get('eval_first', False))
     # what a validation of the whole test set holds in host memory (not seen at a reduced scale): every test map
     # (float32) and mask (bool) at the run's mask size (the method's authors': HGAD's 256, else the input size)
     from vqflow_nb.method import method_spec

@@ -13,6 +13,8 @@ def test_validations_follow_the_trainers_rule():
     assert dr.n_validations(60, 2) == 30 and dr.n_validations(200, 1) == 200 and dr.n_validations(1000, 10) == 100
     assert dr.n_validations(7, 3) == 3   # after epochs 3 and 6, and after the last
     assert dr.n_validations(1, 5) == 1
+    # HVQ-Trans validates after (0-based) epochs 0, 10, ..., 990 and the trainer adds the last: 101
+    assert dr.n_validations(1000, 10, eval_first=True) == 101 and dr.authors_schedule('hvqtrans')['eval_first']
 
 
 def test_projected_hours():
@@ -68,7 +70,7 @@ def test_smoke_writes_a_row_per_method(tmp_path):
         assert r['status'] in ('ok', 'degenerate'), r   # tiny random runs may score every image alike: timings still count
         for k in ('s_epoch', 's_val', 'setup_s', 'host_peak_gb', 'projected_hours'):
             assert isinstance(r[k], (int, float)) and math.isfinite(r[k]) and r[k] > 0, (r['method'], k, r[k])
-        assert r['n_validations'] == dr.n_validations(r['schedule']['epochs'], r['schedule']['eval_every'])
+        assert r['n_validations'] == dr.n_validations(r['schedule']['epochs'], r['schedule']['eval_every'], r['schedule'].get('eval_first', False))
         assert r['authors']['available'] is False
     from vqflow_nb.execute import find
     md = (tmp_path/'dr.md').read_text()
