@@ -39,9 +39,11 @@ def notebook_parameters(cfg:RunConfig, out:Path) -> dict:
     return dict({k: v for k, v in asdict(cfg).items() if v != d[k]}, out_dir=str(out))
 
 def error_message(e:Exception) -> str:
-    "The last line of a papermill error (the notebook's exception), else the exception's text."
-    msg = getattr(e, 'evalue', None) or (str(e).strip().splitlines() or [''])[-1]
-    return str(msg)[:500]
+    "The notebook's exception (papermill's `evalue`); else the first line of a timeout, the last line of anything else (rules skipped)."
+    if msg := getattr(e, 'evalue', None): return str(msg)[:500]
+    lines = [l.strip() for l in str(e).splitlines() if l.strip(' -=_*')]   # nbclient's timeout ends with a rule of dashes
+    if not lines: return type(e).__name__
+    return (lines[0] if 'Timeout' in type(e).__name__ else lines[-1])[:500]
 
 def execute_notebook(nb:Path, out:Path, params:dict, kernel:str='python3', timeout=None) -> tuple[str, str, str]:
     "Run one notebook into `out/run.ipynb`; return (status, error, message). `status` is 'ok', 'degenerate' or 'failed'."
