@@ -242,18 +242,24 @@ def _err(e) -> str: return f'{type(e).__name__}: {e}\n' + traceback.format_exc()
 
 def timing_part(ad, S, names:list, pairs:int, warmup:int, device, label:str) -> dict:
     "Alternating rounds of every side's training step, then of every side's inference; ratios theirs / ours per round."
-    from _vs_common import alternate, ratios
+    from _vs_common import alternate, ratios, timed
     sd = ad.sides(S, names)
     refs = [k for k, d in sd.items() if d['kind'] == 'theirs']
     ours = [k for k, d in sd.items() if d['kind'] == 'ours']
     out, failed = {}, {}
     for what, key in (('train_step', 'train'), ('inference', 'infer')):
-        fns = {}
-        for k, d in sd.items():   # one call each first (it is the first warm-up round): a side that fails is left out
+        # one call each first, in order: a side that fails is left out; the call is the first warm-up round, or, without
+        # warm-up, the first timed round (then the next round runs in the reverse order)
+        fns, first = {}, {}
+        for k, d in sd.items():
             if d[key] is None or k in failed: continue
-            try: d[key](); fns[k] = d[key]
+            try: first[k] = timed(d[key], device); fns[k] = d[key]
             except Exception as e: failed[k] = f'{what}: ' + _err(e); print(f'  {label} {k} FAILED: {failed[k]}', flush=True)
-        t = alternate(fns, pairs, max(warmup - 1, 0), device, f'{label} {what}')
+        if warmup >= 1: t = alternate(fns, pairs, warmup - 1, device, f'{label} {what}')
+        else:
+            print(f'  {label} {what} round 1/{pairs}: ' + ', '.join(f'{k} {v:.3f}s' for k, v in first.items()), flush=True)
+            rest = alternate(dict(reversed(list(fns.items()))), pairs - 1, 0, device, f'{label} {what} (after round 1)')
+            t = {k: [first[k]] + rest[k] for k in fns}
         out[what] = dict(seconds=t, ratios={r: {v: ratios(t[r], t[v]) for v in ours if v in t} for r in refs if r in t})
     if failed: out['failed'] = failed
     del sd
@@ -428,7 +434,10 @@ def drive(args):
         if status != 'ok' and tail: print(tail[-1500:], flush=True)
     if not args.no_memory:
         plan = SMOKE_PLAN if args.smoke else PLAN
-        sides = [(m, s) for m in methods if authors[m] and 'setup' not in res['methods'][m].get('errors', {'setup': 1}) for s in plan[m]['memory']]
+        ok = [m for m in methods if authors[m] and 'setup' not in res['methods'][m].get('errors', {'setup': 1})]
+        # interleaved (one side of each method in turn), so that HGAD's large processes do not all run at once
+        sides = [(m, plan[m]['memory'][i]) for i in range(max([len(plan[m]['memory']) for m in ok] or [0])) for m in ok
+                 if i < len(plan[m]['memory'])]
         print(f'== peak memory: {len(sides)} processes, {args.mem_parallel} at a time ({left():.0f} s left)', flush=True)
         t = time.time()
         mem = memory_part(args, authors, sides, t0 + args.budget - 5)
@@ -533,6 +542,10 @@ def report_md(res) -> list:
             for group, what, ref, v, r in timing_rows(d):
                 L.append(f"| {group} | {what} | {ref} | {v} | {r['pairs']} | {_r(r)} | {r['theirs_median_s']:.4f} | {r['ours_median_s']:.4f} |")
             L.append('')
+            for group, t in d['timing'].items():
+                for what, w in t.items():
+                    if what != 'failed': L.append(f"- {group} {what}, median seconds per side: " + ', '.join(
+                        f'{k} {statistics.median(v):.4f}' for k, v in w['seconds'].items() if v))
             for k, v in failed_sides(d).items(): L += [f'- `{k}` left out of the timings: it failed its first call ({v})']
             L.append('')
         if d.get('memory'):
@@ -555,7 +568,8 @@ def docs_table(res) -> list:
     """The table for docs/performance.md ('On a GPU'): per method and measurement, fp32 (ours vs theirs) beside bf16
     (both sides under bf16 autocast), then peak memory; the device named in the heading line."""
     key = mem_key(res)
-    L = [f"Device: **{device_line(res)}**; the authors' configurations; {res['pairs']} alternating rounds after "
+    cfg = "the authors' configurations" if res['size'] == 'authors' else f"configuration `{res['size']}`"
+    L = [f"Device: **{device_line(res)}**; {cfg}; {res['pairs']} alternating rounds after "
          f"{res['warmup']} warm-up; theirs / ours per round, median (min–max); > 1 means ours is faster "
          f"(`benchmarks/gpu_vs_authors.sh`, `results/benchmarks/vs_authors_gpu.md`).", '',
          '| method | what | theirs / ours | fp32 | fp32 s (theirs / ours) | bf16, both sides | bf16 s (theirs / ours) |',
@@ -582,7 +596,7 @@ def docs_table(res) -> list:
             x, y = mm.get(f'{mode}_{key}'), (ref or {}).get(f'{mode}_{key}')
             if x is None: return '—'
             return f'{x:.2f}' + (f' ({100 * x / y:.0f} %)' if y and kind(side) == 'ours' else '')
-        for side in [s for s in mem if not is_bf16(s)]:
+        for side in dict.fromkeys(base(s) for s in mem):
             L.append(f"| {NAMES[m]} | {side} | {cell(side, 'inference')} | {cell(side, 'train')} | "
                      f"{cell(side + BF16, 'inference')} | {cell(side + BF16, 'train')} |")
     L += ['', 'Same numbers first (fp32, max |theirs − ours|) and what bf16 changes (relative difference to fp32 from the same state):', '',
