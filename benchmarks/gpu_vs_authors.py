@@ -34,7 +34,7 @@ for p in (str(ROOT), str(HERE)):
 METHODS = ('vqflow', 'hgad', 'hvqtrans')
 NAMES = dict(vqflow='VQ-Flow', hgad='HGAD', hvqtrans='HVQ-Trans')
 MARK = dict(vqflow='train.py', hgad='models/nf_model.py', hvqtrans='models/HVQ_TR_switch.py')
-BF16 = '+bf16'
+from vs_authors import BF16, is_bf16, base_side as base, side_kind as kind, bf16_ctx, under_bf16   # the bf16 sides
 # sides timed per method: fp32 group (theirs first), bf16 group (both sides under bf16 autocast)
 PLAN = dict(
     vqflow=dict(fp32=['theirs', 'ours', 'ours+quant'], bf16=['theirs+bf16', 'ours+bf16'],
@@ -51,25 +51,6 @@ SMOKE_PLAN = dict(
     hvqtrans=dict(fp32=['theirs', 'ours', 'ours+cached'], bf16=['theirs+bf16', 'ours+bf16'], memory=['theirs+bf16']))
 # seconds each method's process may take (its parts are skipped or cut when it runs out), and the memory part's share
 CAPS = dict(vqflow=60, hgad=90, hvqtrans=60, memory=75)
-
-def is_bf16(side:str) -> bool: return side.endswith(BF16)
-def base(side:str) -> str: return side[:-len(BF16)] if is_bf16(side) else side
-def kind(side:str) -> str: return 'theirs' if side.startswith('theirs') else 'ours'
-
-def bf16_ctx(device):
-    "The trainer's bf16 context (`train.Amp('bf16', device).autocast()`: torch.autocast with bfloat16)."
-    import warnings
-    from vqflow_nb.train import Amp
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')   # 'this CPU has no native bfloat16': the smoke run does not time anything
-        return Amp('bf16', device).autocast()
-
-def under_bf16(fn, device):
-    "`fn` run under the bf16 context (None stays None: an inference-only side has no training callable)."
-    if fn is None: return None
-    def g():
-        with bf16_ctx(device): return fn()
-    return g
 
 # ---------------------------------------------------------------------------------------------------------------
 # one adapter per method: set-up, equality table, sides (train / infer callables), image scores, what a memory
@@ -129,26 +110,8 @@ class MethodAdapter:
     def equal(self, e) -> dict: return self.V.equality_ok(self.M, e)
 
     def sides(self, S, names, share=False) -> dict:
-        """fp32 names come from the module's `sides` as they are; 'X+bf16' is side X under the bf16 context, ours on its
-        own copy of the transplanted model (unless `share`: the memory process, which keeps one side only)."""
-        out = {}
-        plain = [n for n in names if not is_bf16(n) and kind(n) == 'ours']
-        sd = self.M.sides(S, plain)
-        for n in names:
-            b = base(n)
-            if not is_bf16(n): out[n] = sd[n]; continue
-            if kind(n) == 'theirs':
-                d = sd[b]
-                if self.method == 'hvqtrans':   # their `validate` reads the map with .numpy(): bf16 has none, so read it as float32
-                    _float_cosine(S['A'].MO)
-                    fo = _FloatOut(S['theirs_ot'], S['device'])
-                    out[n] = dict(train=under_bf16(d['train'], S['device']), infer=lambda fo=fo: self.M.authors_infer(S, fo), kind='theirs')
-                    continue
-            else:
-                S2 = S if share else {**S, 'ours': copy.deepcopy(S['ours'])}
-                d = self.M.sides(S2, [b])[b]
-            out[n] = dict(train=under_bf16(d['train'], S['device']), infer=under_bf16(d['infer'], S['device']), kind=d['kind'])
-        return out
+        sd = self.V.method_sides(self.M, S, names, share)
+        return {n: sd[n] for n in names}
 
     SCORE = 'image scores'
     def image_scores(self, side, out):
@@ -167,23 +130,6 @@ class MethodAdapter:
             th = S.pop('theirs'); S.pop('theirs_ot', None); S.pop('opt_a', None)
             if self.method == 'hgad': S['their_feats'] = None; th.nfs = []; th.optimizer = None
             del th
-
-class _FloatOut:
-    "Their model called under the bf16 context, its floating outputs returned in float32 (what reading them on the host needs)."
-    def __init__(self, m, device): self.m, self.device, self.training = m, device, False
-    def eval(self): self.m.eval(); return self
-    def __call__(self, x):
-        import torch
-        with bf16_ctx(self.device): out = self.m(x)
-        return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
-
-def _float_cosine(MO):
-    """Their test-time model's POT score (`HVQ_TR_switch_OT.OT`) reads the features on the host through sklearn's
-    `cosine_similarity`, which has no bfloat16: give it the same numbers widened to float32 (a no-op in fp32)."""
-    if getattr(MO, '_vs_float_cosine', False): return
-    f = MO.cosine_similarity
-    MO.cosine_similarity = lambda a, b, *r, **k: f(a.float() if hasattr(a, 'float') else a, b.float() if hasattr(b, 'float') else b, *r, **k)
-    MO._vs_float_cosine = True
 
 def adapter(method:str): return VQFlowAdapter() if method == 'vqflow' else MethodAdapter(method)
 
