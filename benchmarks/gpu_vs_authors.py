@@ -68,6 +68,9 @@ class VQFlowAdapter:
 
     def equivalence(self, S) -> dict: return self.V.equivalence(S, S['feats'], S['device'])
 
+    def equivalence_bf16(self, S) -> dict:
+        with bf16_ctx(S['device']): return self.equivalence(S)
+
     def equal(self, e) -> dict:
         "VQ-Flow's vs_authors has no tolerance table: the rows are reported, none is judged (CUDA's were larger than the CPU's)."
         return {}
@@ -109,6 +112,17 @@ class MethodAdapter:
     def equivalence(self, S) -> dict: return self.M.equivalence(S)
     def equal(self, e) -> dict: return self.V.equality_ok(self.M, e)
 
+    def equivalence_bf16(self, S) -> dict:
+        "The equality table with both sides under bf16; HVQ-Trans's test-time model read back in float32 (`authors_infer_bf16`)."
+        if not hasattr(self.M, 'authors_infer_bf16'):
+            with bf16_ctx(S['device']): return self.M.equivalence(S)
+        real = self.M.authors_ot_model
+        self.M._float_cosine(S['A'].MO)
+        self.M.authors_ot_model = lambda S: self.M._FloatOut(real(S), S['device'])
+        try:
+            with bf16_ctx(S['device']): return self.M.equivalence(S)
+        finally: self.M.authors_ot_model = real
+
     def sides(self, S, names, share=False) -> dict:
         sd = self.V.method_sides(self.M, S, names, share)
         return {n: sd[n] for n in names}
@@ -149,7 +163,7 @@ def bf16_part(ad, S, e32:dict, device) -> dict:
     res = dict(score=ad.SCORE, image_score_vs_fp32={}, errors={})
     saved = snapshot(S)   # the table restores the state it changes, but not when it fails half-way
     try:
-        with bf16_ctx(device): e16 = ad.equivalence(S)
+        e16 = ad.equivalence_bf16(S)
         lt32, lo32 = ad.losses(e32); lt16, lo16 = ad.losses(e16)
         res.update(equivalence=e16, loss_rel_vs_fp32=dict(theirs=_rel(lt16, lt32), ours=_rel(lo16, lo32)))
     except Exception as e: res['errors']['equivalence'] = _err(e)
