@@ -575,7 +575,7 @@ def docs_table(res) -> list:
     return L
 
 # ---------------------------------------------------------------------------------------------------------------
-def main():
+def parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--methods', default=','.join(METHODS))
     for m in METHODS: ap.add_argument(f'--authors-{m}', default=None, help=f"checkout of the authors' {m} code")
@@ -597,7 +597,10 @@ def main():
     ap.add_argument('--one', default=None, help=argparse.SUPPRESS); ap.add_argument('--json', default=None, help=argparse.SUPPRESS)
     ap.add_argument('--authors', default=None, help=argparse.SUPPRESS); ap.add_argument('--cap', type=float, default=1e9, help=argparse.SUPPRESS)
     ap.add_argument('--mem-child', default=None, help=argparse.SUPPRESS); ap.add_argument('--side', default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+def main():
+    args = parser().parse_args()
     if args.table: return print('\n'.join(docs_table(json.loads(Path(args.table).read_text()))))
     stub_missing()
     import torch

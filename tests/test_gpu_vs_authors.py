@@ -179,5 +179,36 @@ def types_module_model():
     m = torch.nn.Linear(1, 1); m.cfg = C()
     return m
 
-def test_shell_script_parses():
+def test_shell_script_passes_only_known_flags():
+    "gpu_vs_authors.sh runs on a lent GPU only: a flag renamed in the Python script must fail here, not in the device call."
+    import re
+    sh = (ROOT / 'benchmarks' / 'gpu_vs_authors.sh').read_text()
     assert subprocess.run(['bash', '-n', str(ROOT / 'benchmarks' / 'gpu_vs_authors.sh')]).returncode == 0
+    call = sh[sh.index('$PY benchmarks/gpu_vs_authors.py'):]; call = call[:call.index('| tee')]
+    flags = set(re.findall(r'(?<![\w-])--[a-z][a-z-]+', call + sh[sh.index('EXTRA=(--'):sh.index('EXTRA=(--') + 20]))
+    known = {o for a in G.parser()._actions for o in a.option_strings}
+    assert {'--budget', '--out', '--smoke'} <= flags <= known, flags - known
+    # the carry list in the header names the folders the script reads
+    assert all(f'"_authoring/authors_{m}"' in sh for m in G.METHODS) and '".whl/vs_authors"' in sh and 'WHL=.whl/vs_authors' in sh
+
+class _FakeAdapter:
+    "Sides that sleep a known time; one fails its first call (a side that breaks on the device must not cost the round)."
+    SECONDS = dict(theirs=0.004, ours=0.002, **{'ours+broken': 0.001})
+    def sides(self, S, names):
+        def fn(k):
+            def f():
+                if k == 'ours+broken': raise RuntimeError('index put dtype')
+                import time; time.sleep(self.SECONDS[k])
+            return f
+        return {k: dict(train=fn(k), infer=fn(k), kind=G.kind(k)) for k in names}
+
+@pytest.mark.parametrize('warmup', [0, 1])
+def test_timing_part_rounds_and_failures(warmup):
+    "`pairs` timed rounds per side with or without warm-up (smoke: none; device: one), ratios theirs / ours, a failing side left out."
+    import torch
+    t = G.timing_part(_FakeAdapter(), {}, ['theirs', 'ours', 'ours+broken'], 3, warmup, torch.device('cpu'), 'fake')
+    for what in ('train_step', 'inference'):
+        assert {k: len(v) for k, v in t[what]['seconds'].items()} == dict(theirs=3, ours=3)
+        r = t[what]['ratios']['theirs']['ours']
+        assert r['pairs'] == 3 and 1.3 < r['median'] < 3.5, r
+    assert list(t['failed']) == ['ours+broken'] and 'index put dtype' in t['failed']['ours+broken']
