@@ -85,7 +85,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 $PY -c "import fastcore, FrEIA" 2>>"$LOG" || say "fastcore/FrEIA not importable (carry $WHL: see the top of this script)"
 say "gpu_vs_authors: budget ${BUDGET}s, out $OUT"
-$PY benchmarks/gpu_vs_authors.py --budget "$BUDGET" --out "$OUT" "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
+$PY benchmarks/gpu_vs_authors.py --budget "$BUDGET" --out "$OUT" --verbose "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 say "done in $(( $(date +%s) - T0 )) s (exit $rc); wrote $(ls "$OUT" | tr '\n' ' ')"
 exit "$rc"
