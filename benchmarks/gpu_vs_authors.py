@@ -57,6 +57,9 @@ CAPS = dict(vqflow=60, hgad=90, hvqtrans=60, memory=75)
 # process drops. VQ-Flow's pieces live in vs_authors.py, HGAD's and HVQ-Trans's in authors_hgad.py / authors_hvqtrans.py.
 class VQFlowAdapter:
     method = 'vqflow'
+    NOTES = {'ours': 'the package as configured (on a GPU the dense convolution of the condition, as theirs)',
+             'ours+quant': "quant_conv='all': the condition's convolutions as gathers of precomputed code products (exact)"}
+    CHANGED = {}
     def __init__(self): import vs_authors as V; self.V = V
 
     def setup(self, authors, size, device):
@@ -107,6 +110,8 @@ class MethodAdapter:
     def __init__(self, method):
         import vs_authors as V
         self.V, self.method, self.M = V, method, V.method_module(method)
+        self.NOTES, self.CHANGED = dict(getattr(self.M, 'SIDE_NOTES', {})), dict(getattr(self.M, 'CHANGED_MATHS', {}))
+        if method == 'hgad': self.NOTES['theirs_flows'] = 'their three per-level flow steps on the pyramid their encoder made (no backbone in the step)'
 
     def setup(self, authors, size, device): return self.M.setup(authors, size, device)
     def equivalence(self, S) -> dict: return self.M.equivalence(S)
@@ -236,6 +241,7 @@ def run_one(args) -> dict:
                plan=plan, parts={}, errors={})
     def save(): Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     ad, S = adapter(args.one), {}
+    res.update(notes={**ad.NOTES, '+bf16': "the side under the trainer's bf16 autocast (changed maths)"}, changed_maths=ad.CHANGED)
     def part(name, fn, need=0.):
         left = args.cap - (time.time() - t0)
         if left < need:
@@ -544,7 +550,12 @@ def docs_table(res) -> list:
             why = next((f'{k} failed' for k in (ref + BF16, v + BF16) if k in failed), '—')
             L.append(f"| {NAMES[m]} | {w.replace('_', ' ')} | {ref} / {v} | {_r(r)} | {r['theirs_median_s']:.4f} / {r['ours_median_s']:.4f} | "
                      + (f"{_r(r16)} | {r16['theirs_median_s']:.4f} / {r16['ours_median_s']:.4f} |" if r16 else f'{why} | — |'))
-    L += ['', f"Peak memory ({'torch.cuda.max_memory_allocated' if key == 'cuda_peak_gb' else 'VmHWM'}, GB, each side in its "
+    used = lambda d: {x for _, _, ref, v, _ in timing_rows(d) for x in (ref, v)}
+    sides = [f"{NAMES[m]} `{k}`: {v}" for m, d in res['methods'].items() for k, v in d.get('notes', {}).items() if k in used(d)] + \
+            [f"{NAMES[m]} `{k}`: CHANGED MATHS, {v}" for m, d in res['methods'].items() for k, v in d.get('changed_maths', {}).items() if k in used(d)] + \
+            ["`+bf16`: the side under the trainer's bf16 autocast (changed maths)"]
+    L += ['', 'Sides: ' + '; '.join(sides) + '.',
+          '', f"Peak memory ({'torch.cuda.max_memory_allocated' if key == 'cuda_peak_gb' else 'VmHWM'}, GB, each side in its "
           "own process; ours as % of theirs at the same precision):", '',
           '| method | side | inference | training | bf16: inference | bf16: training |', '|---|---|---|---|---|---|']
     for m, d in res['methods'].items():
