@@ -411,10 +411,16 @@ def drive(args):
         res['memory_wall_s'] = round(time.time() - t, 1)
     res['total_s'] = round(time.time() - t0, 1)
     res['summary'] = summary(res)
-    (out / 'vs_authors_gpu.json').write_text(json.dumps(res, indent=1, default=str))
-    (out / 'vs_authors_gpu.md').write_text('\n'.join(report_md(res)))
+    (out / 'vs_authors_gpu.json').write_text(_portable(json.dumps(res, indent=1, default=str)))
+    (out / 'vs_authors_gpu.md').write_text(_portable('\n'.join(report_md(res))))
     print('\n==== SUMMARY ====\n' + '\n'.join(res['summary']) + f"\ntotal {res['total_s']} s; wrote {out}/vs_authors_gpu.json, .md", flush=True)
     return res
+
+def _portable(text:str) -> str:
+    "Machine paths in error tracebacks rewritten (`vqflow_nb.execute.portable`), so the files can go under results/ as they are."
+    try: from vqflow_nb.execute import portable
+    except Exception: return text
+    return portable(text)
 
 # ---------------------------------------------------------------------------------------------------------------
 # reporting

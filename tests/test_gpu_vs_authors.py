@@ -42,6 +42,7 @@ def smoke(tmp_path_factory):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     res = json.loads((out / 'vs_authors_gpu.json').read_text())
     res['_md'] = (out / 'vs_authors_gpu.md').read_text()
+    res['_json'] = (out / 'vs_authors_gpu.json').read_text()
     return res
 
 def _parts_ok(d, parts):
@@ -111,6 +112,8 @@ def test_reports(smoke):
     "The markdown names the device and every method; the docs table has one fp32 row per timed pair with its bf16 counterpart."
     md = smoke['_md']
     assert 'Device: CPU' in md and all(f'## {G.NAMES[m]}' in md for m in G.METHODS)
+    from vqflow_nb.execute import find
+    assert not find(md) and not find(smoke['_json'])   # no machine paths (HVQ-Trans's bf16 failure carries a traceback): results/-ready
     table = '\n'.join(G.docs_table(smoke))
     assert 'torch ' in table.splitlines()[0]
     vq = [l for l in table.splitlines() if l.startswith('| VQ-Flow | train step')]
