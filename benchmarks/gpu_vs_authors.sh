@@ -31,7 +31,8 @@
 #          ours (cached pyramid), ours+backbone, ours+dense; bf16: theirs, theirs_flows, ours
 #   ≤ 60 s HVQ-Trans (224 px, batch 16, B4 random weights): sides theirs, ours (faithful), ours+cached, ours+batched,
 #          ours+avgpool (inference only); bf16: theirs, ours
-#   ≤ 75 s peak GPU memory: 15 processes (5 sides x 3 methods), 4 at a time (per-process peaks, no interference)
+#   the rest (≥ 75 s kept for it): peak GPU memory, 15 processes (5 sides x 3 methods, interleaved), 4 at a time
+#          (each its own torch.cuda.max_memory_allocated); a process not started by the budget's end is reported as such
 #   3 alternating rounds after 1 warm-up each; a method's cap shrinks when earlier ones ran long, so the whole
 #   Python part ends by ~300 s. The pretrained weights cannot be downloaded there: backbones are random on both sides
 #   (speed and memory do not depend on the values; the equality rows compare identical random weights).
