@@ -349,3 +349,28 @@ def _with_avgpool(fn):
     finally: HV.box_mean = keep
 
 def authors_step(S): return lambda: authors_train_step(S)
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16 (vs_authors.method_sides: 'theirs+bf16'): their test-time forward under the bf16 context, read on the host in float32
+def _float_cosine(MO):
+    """`HVQ_TR_switch_OT.OT` reads the features on the host through sklearn's `cosine_similarity`, which has no bfloat16:
+    give it the same numbers widened to float32 (a no-op for float32 inputs)."""
+    if getattr(MO, '_vs_float_cosine', False): return
+    f = MO.cosine_similarity
+    MO.cosine_similarity = lambda a, b, *r, **k: f(a.float() if hasattr(a, 'float') else a, b.float() if hasattr(b, 'float') else b, *r, **k)
+    MO._vs_float_cosine = True
+
+class _FloatOut:
+    "Their model called under the bf16 context, its floating outputs returned in float32 (their `dump` reads them with .numpy())."
+    def __init__(self, m, device): self.m, self.device, self.training = m, device, False
+    def eval(self): self.m.eval(); return self
+    def __call__(self, x):
+        import torch
+        from vs_authors import bf16_ctx
+        with bf16_ctx(self.device): out = self.m(x)
+        return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+
+def authors_infer_bf16(S):
+    "`authors_infer` with their test-time model under bf16 autocast (the POT score's host-side inputs and the map read as float32)."
+    _float_cosine(S['A'].MO)
+    return authors_infer(S, _FloatOut(S['theirs_ot'], S['device']))

@@ -521,6 +521,49 @@ def method_module(method:str):
     import importlib
     return importlib.import_module(dict(hgad='authors_hgad', hvqtrans='authors_hvqtrans')[method])
 
+# bf16 sides of any method: 'X+bf16' is side X (theirs, theirs_flows, ours, ours+<variant>) run under the trainer's bf16
+# context (`train.Amp('bf16', device).autocast()`, i.e. `Schedule.precision='bf16'`), their model wrapped in the same
+# autocast. Changed maths: compared with fp32 by benchmarks/gpu_vs_authors.py, timed only against sides of the same precision.
+BF16 = '+bf16'
+def is_bf16(side:str) -> bool: return side.endswith(BF16)
+def base_side(side:str) -> str: return side[:-len(BF16)] if is_bf16(side) else side
+def side_kind(side:str) -> str: return 'theirs' if side.startswith('theirs') else 'ours'
+def same_precision(a:str, b:str) -> bool: return is_bf16(a) == is_bf16(b)
+
+def bf16_ctx(device):
+    "The trainer's bf16 context: `train.Amp('bf16', device).autocast()` (torch.autocast with bfloat16)."
+    import warnings
+    from vqflow_nb.train import Amp
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # 'this CPU has no native bfloat16': smoke runs on such CPUs time nothing
+        return Amp('bf16', device).autocast()
+
+def under_bf16(fn, device):
+    "`fn` run under `bf16_ctx` (None stays None: an inference-only side has no training callable)."
+    if fn is None: return None
+    def g():
+        with bf16_ctx(device): return fn()
+    return g
+
+def method_sides(M, S, names, share=False) -> dict:
+    """The module's `sides` (its theirs sides and the fp32 names); 'X+bf16' is side X under `bf16_ctx`, ours on its own copy of the
+    transplanted model (unless `share`: a memory process, which keeps one side). A module may define
+    `authors_infer_bf16(S)` where their inference cannot simply run under autocast (HVQ-Trans: host-side numpy)."""
+    import copy
+    sd = M.sides(S, [n for n in names if not is_bf16(n) and side_kind(n) == 'ours'])
+    out = dict(sd)   # the module's theirs sides always, as `M.sides` gives them
+    for n in names:
+        b = base_side(n)
+        if not is_bf16(n): continue
+        if side_kind(n) == 'theirs':
+            d = sd[b]
+            infer = (lambda: M.authors_infer_bf16(S)) if b == 'theirs' and hasattr(M, 'authors_infer_bf16') else under_bf16(d['infer'], S['device'])
+            out[n] = dict(train=under_bf16(d['train'], S['device']), infer=infer, kind='theirs')
+        else:
+            d = M.sides(S if share else {**S, 'ours': copy.deepcopy(S['ours'])}, [b])[b]
+            out[n] = dict(train=under_bf16(d['train'], S['device']), infer=under_bf16(d['infer'], S['device']), kind='ours')
+    return out
+
 def equality_ok(M, e:dict) -> dict:
     """Each equality row against the module's tolerance: {row: True | False | 'near-tie'}. 'near-tie': the row is beyond
     tolerance only through code assignments that flipped at float32 near-ties (HVQ-Trans, `authors_hvqtrans._flips`)."""
@@ -559,14 +602,14 @@ def run_method(args):
     print('equivalence', e, '\nwithin tolerance', res['equal'], flush=True)
     if not all_equal(res['equal']): print('WARNING: some equality rows exceed their tolerance', flush=True)
     if not args.no_timing:
-        sd = M.sides(S, variants)
+        sd = method_sides(M, S, variants)
         refs = [k for k, d in sd.items() if d['kind'] == 'theirs']
         ours = [k for k, d in sd.items() if d['kind'] == 'ours']
         res['timing'] = {}
         for what, key in (('train_step', 'train'), ('inference', 'infer')):
             fns = {k: d[key] for k, d in sd.items() if d[key] is not None}
             t = alternate(fns, args.steps, args.warmup, device, what)
-            res['timing'][what] = dict(seconds=t, ratios={r: {v: ratios(t[r], t[v]) for v in ours if v in t} for r in refs if r in t})
+            res['timing'][what] = dict(seconds=t, ratios={r: {v: ratios(t[r], t[v]) for v in ours if v in t and same_precision(r, v)} for r in refs if r in t})
         res['loadavg_end'] = loadavg()
         del sd
     del S; gc.collect()
@@ -583,10 +626,10 @@ def method_memory_child(args, M):
     device = torch.device(args.device)
     S = M.setup(args.authors, args.size, device)
     side = args.child
-    sd = M.sides(S, [] if side == 'theirs' else [side])
+    sd = method_sides(M, S, [side], share=True)
     if sd[side]['train'] is None: return print('MEMORY ' + json.dumps(dict(side=side, error='inference-only side')), flush=True)
     keep = sd[side]
-    if side == 'theirs': S.pop('ours', None); S.pop('ext', None) if args.method == 'hvqtrans' else None
+    if side_kind(side) == 'theirs': S.pop('ours', None); S.pop('ext', None) if args.method == 'hvqtrans' else None
     else:
         th = S.pop('theirs'); S.pop('theirs_ot', None); S.pop('opt_a', None)
         if args.method == 'hgad': S['their_feats'] = None; th.nfs = []; th.optimizer = None
