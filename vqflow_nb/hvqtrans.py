@@ -226,7 +226,10 @@ def lean_sdpa(q:Tensor, k:Tensor, v:Tensor, p:float) -> Tensor:
 class LeanMultiheadAttention(nn.MultiheadAttention):
     "`nn.MultiheadAttention` whose training forward on the CPU (dropout, no mask, batch-first) runs `lean_sdpa`."
     def _lean(self, query, key_padding_mask, need_weights, attn_mask, is_causal) -> bool:
+        # float32/64 without autocast: there the Python ops below are the math path's own (autocast would cast each op,
+        # and reduced precision may take another route inside torch)
         return (self.training and self.dropout > 0 and query.device.type == 'cpu' and torch.is_grad_enabled()
+                and query.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled('cpu')
                 and self.batch_first and query.dim() == 3 and self._qkv_same_embed_dim and self.bias_k is None
                 and not self.add_zero_attn and key_padding_mask is None and attn_mask is None and not need_weights and not is_causal)
 
