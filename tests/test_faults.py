@@ -135,3 +135,47 @@ def test_sigkill_mid_feature_cache_resumes(tmp_path):
     assert len(a) == len(b) and a.paths == b.paths
     for x, y in zip(a.feats, b.feats): assert np.array_equal(np.asarray(x), np.asarray(y))
     assert np.array_equal(np.asarray(a.masks), np.asarray(b.masks)) and np.array_equal(a.labels, b.labels)
+
+_RUN_HVQ = '''
+import os, sys, signal, torch
+from vqflow_nb import train
+from vqflow_nb.run import run_experiment, synthetic_root
+torch.set_num_threads(1)
+kill_at, n = int(sys.argv[3]), [0]          # SIGKILL this process at the start of its kill_at-th training step (0: never)
+step = train._step
+def counted(*a, **k):
+    n[0] += 1
+    if n[0] == kill_at: os.kill(os.getpid(), signal.SIGKILL)
+    return step(*a, **k)
+train._step = counted
+run = run_experiment('synthetic', data_root=str(synthetic_root()), classes=['bar', 'bottle', 'stripes'], method='hvqtrans',
+                     variant=sys.argv[4], image_size=64, epochs=4, batch_size=4, eval_every=2, lr=1e-3,
+                     out_dir=sys.argv[1], cache_dir=sys.argv[2], progress=False)
+print('DONE', n[0])
+'''
+
+@pytest.mark.parametrize('variant', ['code', 'label_free'])
+def test_sigkill_mid_epoch_hvqtrans_resumes_exactly(tmp_path, variant):
+    """HVQ-Trans (dropout, drop-connect and train-mode BatchNorm in the backbone, EMA codebooks, AdamW): a run killed in
+    the middle of an epoch resumes from the last epoch-end checkpoint and replays that epoch; it must end exactly where
+    the uninterrupted run ends (weights, EMA codebooks, BN statistics, optimiser, losses, every evaluation)."""
+    cache = tmp_path/'cache'
+    out = _finish(_spawn(_RUN_HVQ, tmp_path/'full', cache, 0, variant))
+    steps = int(out.split('DONE ')[1].split()[0]); per_epoch = steps // 4
+    assert per_epoch >= 3, steps
+    kill_at = 2 * per_epoch + per_epoch // 2 + 1          # in the middle of the 3rd epoch
+    p = _spawn(_RUN_HVQ, tmp_path/'killed', cache, kill_at, variant); p.wait()
+    assert p.returncode == -signal.SIGKILL, p.stdout.read()[-3000:]
+    ckpt = torch.load(tmp_path/'killed'/'checkpoints'/'last.pt', weights_only=False)
+    assert ckpt['epoch'] == 1 and not (tmp_path/'killed'/'metrics.json').exists()
+    _finish(_spawn(_RUN_HVQ, tmp_path/'killed', cache, 0, variant))
+    a, b = (torch.load(tmp_path/d/'checkpoints'/'last.pt', weights_only=False) for d in ('full', 'killed'))
+    for k in a['model']: assert torch.equal(a['model'][k], b['model'][k]), k
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        for k in sa: assert torch.equal(sa[k], sb[k]), k
+    ha, hb = ((tmp_path/d/'history.csv').read_text() for d in ('full', 'killed'))
+    cols = lambda h: [l.split(',')[:2] + l.split(',')[3:] for l in h.splitlines()]   # all but the seconds column
+    assert cols(ha) == cols(hb)
+    ma, mb = (json.loads((tmp_path/d/'metrics.json').read_text()) for d in ('full', 'killed'))
+    assert ma['last'] == mb['last'] and ma['best'] == mb['best']
+    assert (tmp_path/'full'/'evals.csv').read_text() == (tmp_path/'killed'/'evals.csv').read_text()

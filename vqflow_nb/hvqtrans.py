@@ -20,8 +20,9 @@ from .method import Method, Schedule, Scores, register_method, Selection
 # %% auto #0
 __all__ = ['VARIANTS', 'LEVELS', 'AUTHORS', 'PROTOCOL', 'CPU_PROFILE', 'StaticSameConv2d', 'static_same_padding',
            'set_drop_connect', 'set_bn_momentum', 'match_lukemelas', 'HVQTransConfig', 'PositionEmbedding',
-           'neighbour_mask', 'EncoderLayer', 'DecoderLayer', 'Encoder', 'HierarchicalDecoder', 'ClassCodebooks',
-           'pot_score', 'HVQTrans', 'box_mean', 'hvq_maps', 'build']
+           'neighbour_mask', 'lean_dropout', 'LeanDropout', 'lean_sdpa', 'LeanMultiheadAttention', 'EncoderLayer',
+           'DecoderLayer', 'Encoder', 'HierarchicalDecoder', 'ClassCodebooks', 'pot_score', 'HVQTrans', 'box_mean',
+           'hvq_maps', 'build']
 
 # %% ../nbs/12_hvqtrans.ipynb #5b9144ab
 class StaticSameConv2d(nn.Conv2d):
@@ -171,15 +172,92 @@ def neighbour_mask(size:tuple, # (h, w) token grid
     near = ((i[:, None] - i[None]).abs() <= k[0] // 2) & ((j[:, None] - j[None]).abs() <= k[1] // 2)
     return ~near
 
+# %% ../nbs/12_hvqtrans.ipynb #ce26e21c
+class _MaskDropout(torch.autograd.Function):
+    "`torch.dropout` on the CPU (float noise from `bernoulli_(1 - p)`, divided by 1 - p, times x), keeping a bool mask."
+    @staticmethod
+    def forward(ctx, x, p):
+        noise = torch.empty_like(x).bernoulli_(1 - p)          # the draws and the ops of aten's `_dropout_impl`
+        noise.div_(1 - p)
+        ctx.p = p; ctx.save_for_backward(noise.bool())
+        return x * noise
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask.to(g.dtype).div_(1 - ctx.p), None      # the same noise values, rebuilt from the mask
+
+def lean_dropout(x:Tensor, p:float, training:bool=True) -> Tensor:
+    "`F.dropout(x, p, training)` with the same numbers; on the CPU in training it keeps a bool mask, not float noise."
+    if not training or p == 0 or x.device.type != 'cpu' or not torch.is_grad_enabled(): return F.dropout(x, p, training)
+    return _MaskDropout.apply(x, p)
+
+class LeanDropout(nn.Dropout):
+    "`nn.Dropout` through `lean_dropout` (same numbers, a quarter of the saved bytes on the CPU)."
+    def forward(self, x:Tensor) -> Tensor: return super().forward(x) if self.inplace else lean_dropout(x, self.p, self.training)
+
+
+# %% ../nbs/12_hvqtrans.ipynb #502261b2
+class _SoftmaxDropoutMatmul(torch.autograd.Function):
+    "softmax(s) -> dropout -> @ v as SDPA's CPU math path; keeps the softmax, a bool mask and v, not the dropped weights."
+    @staticmethod
+    def forward(ctx, s, v, p):
+        probs = torch._safe_softmax(s, -1)                    # the math path's softmax (rows of -inf give 0)
+        noise = torch.empty_like(probs).bernoulli_(1 - p)
+        noise.div_(1 - p)
+        ctx.p = p; ctx.save_for_backward(probs, noise.bool(), v)
+        return torch.matmul(probs * noise, v)
+    @staticmethod
+    def backward(ctx, g):
+        probs, mask, v = ctx.saved_tensors
+        noise = mask.to(probs.dtype).div_(1 - ctx.p)
+        a = probs * noise                                      # the dropped weights, recomputed (same numbers)
+        a3, g3, v3 = (t.reshape(-1, *t.shape[-2:]) for t in (a, g, v))   # matmul's batched bmm and its backward
+        ga = g3.bmm(v3.transpose(1, 2)).view(a.shape)
+        gv = a3.transpose(1, 2).bmm(g3).view(v.shape)
+        return torch._softmax_backward_data(ga * noise, probs, -1, probs.dtype), gv, None
+
+def lean_sdpa(q:Tensor, k:Tensor, v:Tensor, p:float) -> Tensor:
+    "`F.scaled_dot_product_attention(q, k, v, dropout_p=p)` (no mask) as torch's CPU math path computes it, kept lean."
+    sf = math.sqrt(1.0 / math.sqrt(q.size(-1)))                # the math path scales q and k by sqrt(scale) each
+    return _SoftmaxDropoutMatmul.apply(torch.matmul(q * sf, k.transpose(-2, -1) * sf), v, p)
+
+
+# %% ../nbs/12_hvqtrans.ipynb #8ccbdfab
+class LeanMultiheadAttention(nn.MultiheadAttention):
+    "`nn.MultiheadAttention` whose training forward on the CPU (dropout, no mask, batch-first) runs `lean_sdpa`."
+    def _lean(self, query, key_padding_mask, need_weights, attn_mask, is_causal) -> bool:
+        # float32/64 without autocast: there the Python ops below are the math path's own (autocast would cast each op,
+        # and reduced precision may take another route inside torch)
+        return (self.training and self.dropout > 0 and query.device.type == 'cpu' and torch.is_grad_enabled()
+                and query.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled('cpu')
+                and self.batch_first and query.dim() == 3 and self._qkv_same_embed_dim and self.bias_k is None
+                and not self.add_zero_attn and key_padding_mask is None and attn_mask is None and not need_weights and not is_causal)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self._lean(query, key_padding_mask, need_weights, attn_mask, is_causal):
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+        # what `nn.MultiheadAttention.forward` and `F.multi_head_attention_forward` do on this path, op for op
+        if key is value:
+            if query is key: query = key = value = query.transpose(1, 0)
+            else: query, key = (t.transpose(1, 0) for t in (query, key)); value = key
+        else: query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        (L, B, E), S, H = query.shape, key.shape[0], self.num_heads
+        q, k, v = F._in_projection_packed(query, key, value, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = (t.view(n, B * H, E // H).transpose(0, 1).view(B, H, n, E // H) for t, n in ((q, L), (k, S), (v, S)))
+        o = lean_sdpa(q, k, v, self.dropout).permute(2, 0, 1, 3).reshape(B * L, E)
+        return F.linear(o, self.out_proj.weight, self.out_proj.bias).view(L, B, E).transpose(1, 0), None
+
+
 # %% ../nbs/12_hvqtrans.ipynb #542cd71f
 class EncoderLayer(nn.Module):
     "Post-norm Transformer encoder layer; position added to queries and keys."
     def __init__(self, dim:int, heads:int, ffn:int, dropout:float):
         super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ff = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, dim))
+        self.attn = LeanMultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), LeanDropout(dropout), nn.Linear(ffn, dim))
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.drop1, self.drop2 = LeanDropout(dropout), LeanDropout(dropout)
 
     def forward(self, x:Tensor, pos:Tensor, mask:Tensor|None=None) -> Tensor:
         "x: (B, L, dim), pos: (L, dim), mask: (L, L) bool (True = blocked) or None."
@@ -192,11 +270,11 @@ class DecoderLayer(nn.Module):
     "Post-norm decoder layer: self-attention, cross-attention to `memory`, FFN; position added to queries and keys."
     def __init__(self, dim:int, heads:int, ffn:int, dropout:float):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.ff = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, dim))
+        self.self_attn = LeanMultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = LeanMultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), LeanDropout(dropout), nn.Linear(ffn, dim))
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.drop1, self.drop2, self.drop3 = LeanDropout(dropout), LeanDropout(dropout), LeanDropout(dropout)
 
     def forward(self, x:Tensor, memory:Tensor, pos:Tensor, mask:Tensor|None=None) -> Tensor:
         "x, memory: (B, L, dim); pos: (L, dim)."

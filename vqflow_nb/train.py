@@ -483,6 +483,7 @@ def _resume(ckpt:Path, spec:dict, method:nn.Module, opt, amp:Amp, res:FitResult,
     st = load_checkpoint(ckpt, device); _check_spec(ckpt, st.get('run_spec'), spec)
     method.load_state_dict(st['model']); opt.load_state_dict(st['optimizer']); _set_rng_state(st['rng'])
     if amp.scaler is not None and st.get('scaler') is not None: amp.scaler.load_state_dict(st['scaler'])
+    _restore_grad_slots(opt, st.get('with_grad'))
     res.history, res.evals = st['history'], st['evals']
     res.last_epoch, res.best_epoch, res.degenerate = st['last_epoch'], st['best_epoch'], st.get('degenerate', {})
     if progress: print(f"resumed from {ckpt} after epoch {st['epoch'] + 1}")
@@ -492,7 +493,17 @@ def _save(ckpt:Path, method:nn.Module, opt, amp:Amp, res:FitResult, epoch:int, s
     "Everything a resumed run needs to go on as if it had never stopped: weights, optimiser, RNG, history, the run's identity."
     save_checkpoint(ckpt, model=method.state_dict(), optimizer=opt.state_dict(), rng=_rng_state(), epoch=epoch,
                     history=res.history, evals=res.evals, last_epoch=res.last_epoch, best_epoch=res.best_epoch,
-                    degenerate=res.degenerate, run_spec=spec, scaler=amp.scaler.state_dict() if amp.scaler is not None else None)
+                    degenerate=res.degenerate, run_spec=spec, scaler=amp.scaler.state_dict() if amp.scaler is not None else None,
+                    with_grad=[p.grad is not None for p in _opt_params(opt)])
+
+def _opt_params(opt) -> list: return [p for g in opt.param_groups for p in g['params']]
+
+def _restore_grad_slots(opt, with_grad:list|None):
+    "Zero gradients on the parameters that held one when the checkpoint was written (see above); None: an older checkpoint."
+    ps = _opt_params(opt)
+    if with_grad is None or len(with_grad) != len(ps): return
+    for p, h in zip(ps, with_grad):
+        if h and p.grad is None: p.grad = torch.zeros_like(p)
 
 # %% ../nbs/20_train.ipynb #5ce3ab77
 class RunTooLong(RuntimeError):
