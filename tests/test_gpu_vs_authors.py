@@ -16,8 +16,6 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 import gpu_vs_authors as G
 
 DEPS = dict(vqflow=['FrEIA', 'timm', 'sklearn'], hgad=['FrEIA', 'timm', 'sklearn', 'scipy', 'tqdm'], hvqtrans=['timm', 'einops', 'sklearn'])
-HVQ_BF16_BUG = ("vqflow_nb.hvqtrans under bf16 autocast: `_decode` / `quantise` write bf16 results into float32 tensors "
-                "by index ('Index put requires the source and destination dtypes match'); when fixed this XPASSes: drop the mark")
 
 def _authors():
     "Each method's checkout as the script finds it without --authors-* options ($VQFLOW_AUTHORS_<METHOD>, _authoring/)."
@@ -69,7 +67,7 @@ def test_fp32_equal_and_timed(smoke, method):
     assert set(t['inference']['ratios']['theirs']) == set(ours)
     if method == 'hgad': assert set(t['train_step']['ratios']['theirs_flows']) == set(ours)
 
-BF16_METHODS = ['vqflow', 'hgad', pytest.param('hvqtrans', marks=pytest.mark.xfail(strict=True, reason=HVQ_BF16_BUG))]
+BF16_METHODS = ['vqflow', 'hgad', 'hvqtrans']
 
 @pytest.mark.parametrize('method', BF16_METHODS)
 def test_bf16_both_sides(smoke, method):

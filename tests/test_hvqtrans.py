@@ -303,6 +303,15 @@ def test_fit_end_to_end_detects_on_toy_features():
     assert {'mse', 'commit', 'commit_top', 'commit_e0'} <= set(res.history[0])
 
 
+def test_fit_under_bf16_autocast_runs():
+    "bf16 mixed precision (`fit(precision='bf16')`): the per-class writes keep their tensors' dtypes (they raised before)."
+    torch.manual_seed(0)
+    m = HVQTrans(tiny_cfg(n_classes=2, ot_weight=0.))
+    res = fit(m, _Store(8), _Store(8, anomalous=True, seed=1), seed=0, epochs=1, batch_size=4, lr=1e-3, eval_every=1,
+              progress=False, precision='bf16')
+    assert np.isfinite(res.history[0]['loss']) and np.isfinite(res.last.loc['mean', 'i_auroc'])
+
+
 def _stock(m):
     "The same model with torch's own `nn.MultiheadAttention` and `nn.Dropout` in place of the lean ones (same state)."
     from vqflow_nb.hvqtrans import LeanDropout, LeanMultiheadAttention

@@ -347,7 +347,7 @@ def quantise(self:ClassCodebooks, x:Tensor, # tokens (B, L, d) of one level
     for c in cls.unique().tolist():
         idx = (cls == c).nonzero().flatten()
         q_c, ind_c, com_c = self.books[c][l](x[idx])
-        q[idx] = q_c; ind[idx] = ind_c                        # in place: one copy per class, not per batch
+        q[idx] = q_c.to(q.dtype); ind[idx] = ind_c            # in place: one copy per class, not per batch (bf16 autocast: back to x's dtype)
         commit = commit + com_c * len(idx)
     return q, ind, commit / B
 
@@ -453,7 +453,7 @@ def _decode(self:HVQTrans, qs:list, cls:Tensor) -> Tensor:
     out = dec.new_empty(*dec.shape[:2], self.cfg.channels)
     for c in cls.unique().tolist():                       # [code] per image; a head is a Linear, so per class is the same
         idx = (cls == c).nonzero().flatten()
-        out[idx] = self.heads[c](dec[idx])
+        out[idx] = self.heads[c](dec[idx]).to(out.dtype)     # (under autocast the head may return another dtype)
     h, w = self.cfg.feature_size
     return rearrange(out, 'b (h w) c -> b c h w', h=h, w=w)
 
