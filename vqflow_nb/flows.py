@@ -303,7 +303,7 @@ QUANT_CONV_LIMITS = dict(min_positions_per_code=2., min_pattern_channels=128)
 def conv_quantised(conv:nn.Conv2d, # the convolution (3x3-like: groups=1, stride 1, dilation 1, zero padding)
                    x:Tensor, # (B,C_x,H,W) leading input channels (passive half, or the fusion's pooled halves)
                    q:QuantCond, # the condition, the trailing C_pattern + C_v input channels
-                   min_positions_per_code:float|None=None, # below B*H*W / K of this, the broadcast path (None: `QUANT_CONV_LIMITS`)
+                   min_positions_per_code:float|None=None, # below this many positions per code in use, the broadcast path (None: `QUANT_CONV_LIMITS`)
                    min_pattern_channels:int|None=None, # narrower patterns: the dense convolution (None: `QUANT_CONV_LIMITS`)
                   ) -> Tensor:
     "`conv(cat([x, q.dense()]))` from the codes: gather of per-tap code products, PE once per batch, prototype once per image."
@@ -316,13 +316,14 @@ def conv_quantised(conv:nn.Conv2d, # the convolution (3x3-like: groups=1, stride
     B, _, H, W = x.shape
     min_positions_per_code = QUANT_CONV_LIMITS['min_positions_per_code'] if min_positions_per_code is None else min_positions_per_code
     if cp < (QUANT_CONV_LIMITS['min_pattern_channels'] if min_pattern_channels is None else min_pattern_channels): return conv(torch.cat([x, q.dense()], 1))
-    if (B * H * W < min_positions_per_code * q.codes.shape[0] or torch.is_autocast_enabled(x.device.type)
-            or not torch.is_floating_point(w)):
+    if torch.is_autocast_enabled(x.device.type) or not torch.is_floating_point(w):
         return conv_broadcast(conv, torch.cat([x, q.pattern], 1), q.vec)
+    used, index = torch.unique(q.index, return_inverse=True)   # tables for the codes that occur (U rows), not all K
+    if B * H * W < min_positions_per_code * len(used): return conv_broadcast(conv, torch.cat([x, q.pattern], 1), q.vec)
     pad, (kh, kw) = conv.padding[0], w.shape[2:]
     Ho, Wo = H + 2 * pad - kh + 1, W + 2 * pad - kw + 1
     rc = torch.einsum("hi,wj->ijhw", _tap_mask(H, kh, 1, pad, 1, w), _tap_mask(W, kw, 1, pad, 1, w)).reshape(kh * kw, Ho * Wo)
-    return _QuantConv.apply(x, q.pattern, q.vec, q.pe, q.codes, _tap_index(q.index, q.codes.shape[0], kh, kw, pad), rc, w, conv.bias, pad)
+    return _QuantConv.apply(x, q.pattern, q.vec, q.pe, q.codes[used], _tap_index(index, len(used), kh, kw, pad), rc, w, conv.bias, pad)
 
 # %% ../nbs/04_flows.ipynb #ce5e4bf6
 def _global_affine_init(kind:str, init:float) -> float:
