@@ -19,10 +19,10 @@ from scipy.stats import special_ortho_group
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['LN_NCHW', 'QUANT_CONV_LIMITS', 'positional_encoding_2d', 'ln_channels', 'ConvLNSubnet', 'subnet_conv_ln', 'subnet_fc',
-           'FCSubnet', 'BroadcastCond', 'QuantCond', 'PosCond', 'conv_broadcast', 'conv_quantised', 'AllInOneBlock',
-           'SequenceFlow', 'conditional_flow', 'FusionSubnet', 'FusionCoupling', 'vqflow_flows', 'hgad_flow',
-           'count_params']
+__all__ = ['LN_NCHW', 'TABLE_BMM_MAX_ROWS', 'QUANT_CONV_LIMITS', 'positional_encoding_2d', 'ln_channels', 'ConvLNSubnet',
+           'subnet_conv_ln', 'subnet_fc', 'FCSubnet', 'BroadcastCond', 'QuantCond', 'PosCond', 'conv_broadcast',
+           'conv_quantised', 'AllInOneBlock', 'SequenceFlow', 'conditional_flow', 'FusionSubnet', 'FusionCoupling',
+           'vqflow_flows', 'hgad_flow', 'count_params']
 
 # %% ../nbs/04_flows.ipynb #76aa97a6
 def positional_encoding_2d(
@@ -243,6 +243,11 @@ def conv_broadcast(conv:nn.Conv2d, # the convolution (groups=1, zero padding)
     return _BroadcastConv.apply(x, vec, rows, cols, w, conv.bias, conv.stride, conv.padding, conv.dilation)
 
 # %% ../nbs/04_flows.ipynb #17480582
+# code tables: with few codes in use, one small product per output channel reading the weight in place beats laying the
+# weight out by tap for one large product (1,344 x 576 x 9 weights, 1 thread: 4 vs 15 ms at 17 codes, 14 vs 19 at 65,
+# 26 vs 24 at 129); the row count includes the zero code
+TABLE_BMM_MAX_ROWS = 64
+
 def _tap_index(index:Tensor, K:int, kh:int, kw:int, pad:int) -> Tensor:
     "(B*H'*W', kh*kw): the table row each output position reads per tap, code*(kh*kw) + tap; code K (a zero row) outside the image."
     ip = F.pad(index, (pad, pad, pad, pad), value=K)
@@ -261,9 +266,10 @@ class _QuantConv(torch.autograd.Function):
         taps = _vec_taps(vec, w_pp) + _vec_taps(vec, w_v)
         y = torch.baddbmm(pe_out.view(1, O, L), taps, rc.expand(B, -1, -1)).view(B, O, *pe_out.shape[2:])
         y.add_(F.conv2d(x, w_x, None, 1, pad))                                     # the passive half
-        w_r = w[:, cx:cx + ce + cv].permute(2, 3, 0, 1).reshape(kh * kw * O, ce + cv)  # rows (tap, out channel)
-        T = (F.pad(codes.to(w.dtype), (0, 0, 0, 1)) @ w_r.t()).view(-1, O)        # row k*taps + tap = W_tap e_k; + a zero code (padding)
-        y.add_(F.embedding_bag(tap_idx, T, mode='sum').view(B, *y.shape[2:], O).permute(0, 3, 1, 2))  # each position's nine rows
+        e, ws = F.pad(codes.to(w.dtype), (0, 0, 0, 1)), w[:, cx:cx + ce + cv]     # + a zero code (padding); the pattern's weights
+        if len(e) <= TABLE_BMM_MAX_ROWS: T = torch.matmul(e, ws.flatten(2)).permute(1, 2, 0).reshape(-1, O)   # per out channel, weight read in place
+        else: T = (e @ ws.permute(2, 3, 0, 1).reshape(kh * kw * O, ce + cv).t()).view(-1, O)   # one product, weight laid out by (tap, out)
+        y.add_(F.embedding_bag(tap_idx, T, mode='sum').view(B, *y.shape[2:], O).permute(0, 3, 1, 2))  # row k*taps + tap = W_tap e_k; nine per position
         ctx.save_for_backward(x, vec, pe, codes, tap_idx, rc, w)
         ctx.pad, ctx.has_b, ctx.hw = pad, b is not None, pattern.shape[2:]
         return y
@@ -286,7 +292,8 @@ def backward(ctx:_QuantConv, g):
         S = S.view(K + 1, kh * kw * O)[:K]
     if need[7]:
         dw, dv = torch.empty_like(w), _vec_taps_wgrad(vec, dtaps).view(O, cv, kh, kw)
-        dcode = (S.t() @ codes.to(S.dtype)).view(kh, kw, O, cp).permute(2, 3, 0, 1)
+        if K + 1 <= TABLE_BMM_MAX_ROWS: dcode = torch.matmul(codes.t().to(S.dtype), S.view(K, kh * kw, O).permute(2, 0, 1)).view(O, cp, kh, kw)
+        else: dcode = (S.t() @ codes.to(S.dtype)).view(kh, kw, O, cp).permute(2, 3, 0, 1)
         dw[:, :cx] = torch.nn.grad.conv2d_weight(x, (O, cx, kh, kw), g, padding=ctx.pad)
         dw[:, cx:cx + ce] = dcode[:, :ce] + torch.nn.grad.conv2d_weight(pe[None].to(g.dtype), (O, ce, kh, kw), g.sum(0, keepdim=True), padding=ctx.pad)
         dw[:, cx + ce:cx + cp].copy_(dcode[:, ce:]).add_(dv)
