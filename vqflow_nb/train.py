@@ -21,11 +21,11 @@ from .method import Method, Scores, Schedule, Selection   # the method interface
 from .metrics import METRIC_KEYS
 
 # %% auto #0
-__all__ = ['METRICS', 'make_optimizer', 'set_lr', 'collect_scores', 'degenerate_checks', 'metric_table', 'evaluate',
-           'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'select_best', 'run_spec', 'dist_info',
-           'is_main_process', 'init_distributed', 'global_batches', 'shard_batches', 'synced_codebooks', 'GradientSync',
-           'Parallel', 'data_parallel', 'Amp', 'DegenerateWarning', 'RunTooLong', 'estimate_run', 'check_time_limit',
-           'fit']
+__all__ = ['METRICS', 'IMAGE_KEEP_GB', 'make_optimizer', 'set_lr', 'collect_scores', 'degenerate_checks', 'metric_table',
+           'evaluate', 'save_checkpoint', 'load_checkpoint', 'ImageStore', 'FitResult', 'select_best', 'run_spec',
+           'dist_info', 'is_main_process', 'init_distributed', 'global_batches', 'shard_batches', 'synced_codebooks',
+           'GradientSync', 'Parallel', 'data_parallel', 'Amp', 'DegenerateWarning', 'RunTooLong', 'estimate_run',
+           'check_time_limit', 'fit']
 
 # %% ../nbs/20_train.ipynb #5dcd5baa
 def make_optimizer(params, # parameters, or param-group dicts (a group may carry `lr_scale`)
@@ -158,17 +158,27 @@ def load_checkpoint(path, device='cpu') -> dict:
     except Exception as e: raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start afresh") from e
 
 # %% ../nbs/20_train.ipynb #ebf3d0eb
+# decoded images an `ImageStore` keeps in memory, per store (ours: a method that reads images every step would otherwise
+# decode and resize every file again in every epoch and every validation; see below)
+IMAGE_KEEP_GB = 4.0
+
 class ImageStore(torch.utils.data.Dataset):
     "An `AnomalyDataset` seen as a feature store whose one 'feature' is the image: `store[i]['feats'] == [image]`."
     def __init__(self, ds, # an `AnomalyDataset` (or anything with `records`, `class_index`, `classes` and Samples)
+                 keep_gb:float|None=None, # decoded samples kept after their first read, up to this many GB (None: `IMAGE_KEEP_GB`; 0: none)
                 ):
         self.ds, self.classes, self.class_index = ds, list(ds.classes), dict(ds.class_index)
         self.labels = np.array([r.label for r in ds.records])
         self.cls_index = np.array([ds.class_index[r.cls_name] for r in ds.records])
         self.key = getattr(ds, 'key', None)
+        self.keep_bytes, self.kept, self.kept_bytes = (IMAGE_KEEP_GB if keep_gb is None else keep_gb) * 2**30, {}, 0
     def __len__(self): return len(self.ds)
     def __getitem__(self, i:int) -> dict:
-        s = self.ds[i]
+        s = self.kept.get(i)
+        if s is None:
+            s = self.ds[i]
+            n = s.image.nbytes + s.mask.nbytes
+            if self.kept_bytes + n <= self.keep_bytes: self.kept[i], self.kept_bytes = s, self.kept_bytes + n
         return dict(feats=[s.image], label=int(s.label), cls_index=int(s.cls_index), mask=s.mask, has_mask=bool(s.has_mask),
                     index=i)
 
