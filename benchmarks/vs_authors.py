@@ -483,7 +483,7 @@ def main():
     S = setup(args, device)
     feats = make_feats(S['size'], device)
     res = dict(size=args.size, size_spec=S['size'], env=env_info(device), n_numbers=S['n_numbers'],
-               command='python ' + ' '.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]))
+               command=portable_command())
     print(f"transplanted {S['n_numbers']:,} numbers", flush=True)
     res['equivalence'] = equivalence(S, feats, device); print('equivalence', res['equivalence'], flush=True)
     variants = [v.strip() for v in args.variants.split(',') if v.strip()]
