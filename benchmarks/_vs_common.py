@@ -2,6 +2,10 @@
 from __future__ import annotations
 import statistics, time
 
+# each authors' checkout, recognised by a file only it has (what vs_authors.py imports from it)
+CHECKOUTS = dict(vqflow=('cool-xuan/vqflow', 'post_process.py'), hgad=('xcyao00/HGAD', 'models/nf_model.py'),
+                 hvqtrans=('RuiyingLu/HVQ-Trans', 'models/HVQ_TR_switch.py'))
+
 def sync(device):
     import torch
     if getattr(device, 'type', str(device)).startswith('cuda'): torch.cuda.synchronize(device)

@@ -217,9 +217,7 @@ def data_counts(root:Path, classes=None) -> dict:
     from vqflow_nb.data import scan_dataset
     return dict(n_train=len(scan_dataset(root, 'train', classes)), n_test=len(scan_dataset(root, 'test', classes)))
 
-# each authors' checkout is recognised by a file only it has (what benchmarks/vs_authors.py imports from it)
-CHECKOUTS = dict(vqflow=('cool-xuan/vqflow', 'post_process.py'), hgad=('xcyao00/HGAD', 'models/nf_model.py'),
-                 hvqtrans=('RuiyingLu/HVQ-Trans', 'models/HVQ_TR_switch.py'))
+from _vs_common import CHECKOUTS   # each authors' checkout and the file that recognises it
 
 def authors_checkout(method:str, authors_dir:str) -> Path|None:
     "The method's authors' checkout: `authors_dir` itself or one of its sub-folders, found by its marker file."

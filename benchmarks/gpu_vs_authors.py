@@ -33,7 +33,8 @@ for p in (str(ROOT), str(HERE)):
 
 METHODS = ('vqflow', 'hgad', 'hvqtrans')
 NAMES = dict(vqflow='VQ-Flow', hgad='HGAD', hvqtrans='HVQ-Trans')
-MARK = dict(vqflow='train.py', hgad='models/nf_model.py', hvqtrans='models/HVQ_TR_switch.py')
+from _vs_common import CHECKOUTS
+MARK = {m: mark for m, (_, mark) in CHECKOUTS.items()}   # the file that recognises each checkout
 from vs_authors import BF16, is_bf16, base_side as base, side_kind as kind, bf16_ctx, under_bf16   # the bf16 sides
 # sides timed per method: fp32 group (theirs first), bf16 group (both sides under bf16 autocast)
 PLAN = dict(
@@ -139,16 +140,7 @@ class MethodAdapter:
 
     def losses(self, e): return e['loss_theirs'], e['loss_ours']   # HGAD: per level lists
 
-    def drop_other(self, S, side):
-        "What `vs_authors.method_memory_child` drops: the other side's model, optimiser and inputs."
-        if kind(side) == 'theirs':
-            S.pop('ours', None)
-            if self.method == 'hgad': S.pop('ext', None)           # our extractor: only ours+backbone runs it
-        else:
-            if base(side) != 'ours': S.pop('ours', None)           # the variant runs on its own copy, built by now
-            th = S.pop('theirs'); S.pop('theirs_ot', None); S.pop('opt_a', None)
-            if self.method == 'hgad': S['their_feats'] = None; th.nfs = []; th.optimizer = None
-            del th
+    def drop_other(self, S, side): self.V.drop_other_side(self.method, S, side)
 
 def adapter(method:str): return VQFlowAdapter() if method == 'vqflow' else MethodAdapter(method)
 

@@ -620,6 +620,17 @@ def run_method(args):
     write_method(res, Path(args.out), M)
     if not args.no_combined: update_combined(res, Path(args.out))
 
+def drop_other_side(method:str, S:dict, side:str):
+    """What a memory process measuring `side` of HGAD or HVQ-Trans does not need: for their side our model and our
+    extractor (HGAD's B6, which only `ours+backbone` runs); for ours their model, optimiser and pyramid (a variant
+    runs on its own copy by then, so ours goes too)."""
+    if side_kind(side) == 'theirs': S.pop('ours', None); S.pop('ext', None)
+    else:
+        if base_side(side) != 'ours': S.pop('ours', None)
+        th = S.pop('theirs'); S.pop('theirs_ot', None); S.pop('opt_a', None)
+        if method == 'hgad': S['their_feats'] = None; th.nfs = []; th.optimizer = None
+        del th
+
 def method_memory_child(args, M):
     "In a fresh process: build both, drop the other side, run inference then training steps; print each mode's peak."
     import torch, gc
@@ -629,11 +640,7 @@ def method_memory_child(args, M):
     sd = method_sides(M, S, [side], share=True)
     if sd[side]['train'] is None: return print('MEMORY ' + json.dumps(dict(side=side, error='inference-only side')), flush=True)
     keep = sd[side]
-    if side_kind(side) == 'theirs': S.pop('ours', None); S.pop('ext', None) if args.method == 'hvqtrans' else None
-    else:
-        th = S.pop('theirs'); S.pop('theirs_ot', None); S.pop('opt_a', None)
-        if args.method == 'hgad': S['their_feats'] = None; th.nfs = []; th.optimizer = None
-        del th
+    drop_other_side(args.method, S, side)
     del sd; gc.collect()
     try:   # give the dropped side's freed pages back to the system, so the kept side's peak is its own
         import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0)
